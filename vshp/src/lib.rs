@@ -1,0 +1,9 @@
+//! VSHP, the VPN Share protocol: a sans-IO library.
+//!
+//! State machines fed with bytes and the current time; no sockets, clocks or threads
+//! inside. The gateway, the desktop client and the Android/iOS clients all drive the
+//! same code. The wire format is specified byte by byte in `docs/protocol.md`.
+
+pub mod lease;
+
+pub use lease::{Lease, LeaseError, LeaseId};
