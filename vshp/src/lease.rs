@@ -61,7 +61,7 @@ pub struct Lease {
 }
 
 /// Why a lease is not acceptable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     #[error("lease names {0} DNS servers, at most {MAX_LEASE_DNS} are allowed")]
     TooManyDns(usize),
@@ -85,17 +85,22 @@ impl Lease {
         if !(MIN_LEASE_MTU..=MAX_LEASE_MTU).contains(&self.mtu) {
             return Err(LeaseError::BadMtu(self.mtu));
         }
-        let v4_lens = std::iter::once(self.ipv4.len).chain(self.routes.iter().filter_map(|r| match r {
-            Route::V4(p) => Some(p.len),
-            Route::V6(_) => None,
-        }));
+        let v4_lens =
+            std::iter::once(self.ipv4.len).chain(self.routes.iter().filter_map(|r| match r {
+                Route::V4(p) => Some(p.len),
+                Route::V6(_) => None,
+            }));
         if let Some(len) = v4_lens.into_iter().find(|&l| l > 32) {
             return Err(LeaseError::BadPrefixLen(len));
         }
-        let v6_lens = self.ipv6.iter().map(|p| p.len).chain(self.routes.iter().filter_map(|r| match r {
-            Route::V6(p) => Some(p.len),
-            Route::V4(_) => None,
-        }));
+        let v6_lens = self
+            .ipv6
+            .iter()
+            .map(|p| p.len)
+            .chain(self.routes.iter().filter_map(|r| match r {
+                Route::V6(p) => Some(p.len),
+                Route::V4(_) => None,
+            }));
         if let Some(len) = v6_lens.into_iter().find(|&l| l > 128) {
             return Err(LeaseError::BadPrefixLen(len));
         }
@@ -110,13 +115,25 @@ mod tests {
     fn lease() -> Lease {
         Lease {
             id: LeaseId(7),
-            ipv4: Ipv4Prefix { addr: Ipv4Addr::new(100, 64, 0, 2), len: 24 },
-            ipv6: Some(Ipv6Prefix { addr: "fd00:5653::2".parse().unwrap(), len: 64 }),
+            ipv4: Ipv4Prefix {
+                addr: Ipv4Addr::new(100, 64, 0, 2),
+                len: 24,
+            },
+            ipv6: Some(Ipv6Prefix {
+                addr: "fd00:5653::2".parse().unwrap(),
+                len: 64,
+            }),
             dns: vec![IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1))],
             mtu: 1400,
             routes: vec![
-                Route::V4(Ipv4Prefix { addr: Ipv4Addr::UNSPECIFIED, len: 0 }),
-                Route::V6(Ipv6Prefix { addr: Ipv6Addr::UNSPECIFIED, len: 0 }),
+                Route::V4(Ipv4Prefix {
+                    addr: Ipv4Addr::UNSPECIFIED,
+                    len: 0,
+                }),
+                Route::V6(Ipv6Prefix {
+                    addr: Ipv6Addr::UNSPECIFIED,
+                    len: 0,
+                }),
             ],
             expires_at_unix: 1_800_000_000,
         }
@@ -137,12 +154,18 @@ mod tests {
         assert_eq!(l.validate(), Err(LeaseError::TooManyDns(MAX_LEASE_DNS + 1)));
         let mut l = lease();
         l.routes = vec![l.routes[0]; MAX_LEASE_ROUTES + 1];
-        assert_eq!(l.validate(), Err(LeaseError::TooManyRoutes(MAX_LEASE_ROUTES + 1)));
+        assert_eq!(
+            l.validate(),
+            Err(LeaseError::TooManyRoutes(MAX_LEASE_ROUTES + 1))
+        );
         let mut l = lease();
         l.ipv4.len = 33;
         assert_eq!(l.validate(), Err(LeaseError::BadPrefixLen(33)));
         let mut l = lease();
-        l.routes.push(Route::V6(Ipv6Prefix { addr: Ipv6Addr::UNSPECIFIED, len: 129 }));
+        l.routes.push(Route::V6(Ipv6Prefix {
+            addr: Ipv6Addr::UNSPECIFIED,
+            len: 129,
+        }));
         assert_eq!(l.validate(), Err(LeaseError::BadPrefixLen(129)));
     }
 }
