@@ -5,6 +5,8 @@
 //! same code. The wire format is specified byte by byte in `docs/protocol.md`.
 
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lease;
 pub mod message;
 pub mod record;
