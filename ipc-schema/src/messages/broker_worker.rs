@@ -1,0 +1,218 @@
+//! Broker ↔ parser-sandbox worker (one worker per peer session).
+//!
+//! The broker hands the worker its peer's transport and its data channel to the
+//! netstack (descriptors), serves as the key oracle for the Noise static key, decides
+//! every policy question, and seals and opens resume tickets. The worker never holds
+//! the static private key: it shows the broker the handshake's first message, then may
+//! ask only for the static-key DH operations that pattern needs, once each (see
+//! [`crate::oracle`]).
+
+use serde::{Deserialize, Serialize};
+use vshp::lease::{Lease, LeaseId};
+
+use crate::bounded::BoundedBytes;
+use crate::codec::{InvalidMessage, Message};
+use crate::limits::{MAX_FRAME_BROKER_WORKER, MAX_HANDSHAKE_MSG, MAX_TICKET_LEN};
+use crate::messages::channel_ends;
+use crate::messages::common::{PeerKey, RequestId, ShutdownReason};
+use crate::oracle::{DhOp, HandshakePattern, OracleRefusal};
+
+/// One handshake attempt inside one worker; chosen by the worker, unique per worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HandshakeId(pub u64);
+
+/// How the transport descriptor carries VSHP records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransportKind {
+    /// A connected UDP socket (records are datagrams).
+    Datagram,
+    /// A TCP connection or USB accessory stream (records are length-prefixed).
+    Stream,
+}
+
+/// A Noise handshake message, opaque to this crate.
+pub type HandshakeMessage = BoundedBytes<MAX_HANDSHAKE_MSG>;
+/// A sealed resume ticket, opaque to everyone but the broker.
+pub type SealedTicket = BoundedBytes<MAX_TICKET_LEN>;
+
+/// Broker → worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerToWorker {
+    /// The peer's transport: **carries 1 descriptor** (the accepted socket).
+    AdoptTransport { kind: TransportKind },
+    /// The worker's end of its data channel to the netstack, for this lease:
+    /// **carries 1 descriptor** (a connected unix stream socket).
+    AttachDataPath { lease: LeaseId },
+    /// The shown first message is bound; DH requests for it may follow.
+    HandshakeBound { handshake: HandshakeId },
+    /// The broker will not serve this handshake (the worker sends a VSHP ERROR).
+    HandshakeRefused {
+        handshake: HandshakeId,
+        reason: OracleRefusal,
+    },
+    /// The result of an allowed static-key DH.
+    DhResult {
+        handshake: HandshakeId,
+        op: DhOp,
+        shared: [u8; 32],
+    },
+    /// A DH request outside the handshake's binding.
+    DhRefused {
+        handshake: HandshakeId,
+        op: DhOp,
+        reason: OracleRefusal,
+    },
+    /// The broker's decision about a finished handshake.
+    Decision {
+        handshake: HandshakeId,
+        decision: Decision,
+    },
+    /// A ticket sealed for this session's lease.
+    TicketSealed {
+        request: RequestId,
+        ticket: SealedTicket,
+    },
+    /// The outcome of opening a presented ticket.
+    TicketOpened {
+        request: RequestId,
+        outcome: TicketOutcome,
+    },
+    /// Send your counters.
+    ReportCounters,
+    /// Close the session (send VSHP CLOSE) and exit.
+    Shutdown { reason: ShutdownReason },
+}
+
+/// Worker → broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerToBroker {
+    /// The first handshake message as received from the peer, to bind DH requests to.
+    ShowHandshake {
+        handshake: HandshakeId,
+        pattern: HandshakePattern,
+        first_message: HandshakeMessage,
+    },
+    /// DH(gateway static, `remote`) for one token of a bound handshake.
+    DhRequest {
+        handshake: HandshakeId,
+        op: DhOp,
+        remote: [u8; 32],
+    },
+    /// "Peer X finished a handshake: decide." `handshake_hash` derives the pairing code;
+    /// `ticket` is a resume ticket the client presented inside the handshake, if any.
+    Finished {
+        handshake: HandshakeId,
+        peer: PeerKey,
+        handshake_hash: [u8; 32],
+        ticket: Option<SealedTicket>,
+    },
+    /// Seal a resume ticket for the current session's lease.
+    SealTicket {
+        request: RequestId,
+    },
+    /// Open a ticket presented outside a handshake (RESUME record).
+    OpenTicket {
+        request: RequestId,
+        peer: PeerKey,
+        ticket: SealedTicket,
+    },
+    Counters(WorkerCounters),
+    /// The session is over (peer CLOSE, timeout, transport error).
+    SessionEnded {
+        reason: SessionEnd,
+    },
+}
+
+/// The broker's answer to [`WorkerToBroker::Finished`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Trusted: forward packets under this lease (`resumed` when a ticket restored it).
+    Admit { lease: Lease, resumed: bool },
+    /// Unknown peer, pairing requested: the user must approve; no packet is forwarded.
+    Pending,
+    /// No: the worker sends a VSHP ERROR with this reason and closes.
+    Refuse(Refusal),
+}
+
+/// Why the broker refuses a peer (mirrors VSHP's typed ERROR reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    NotApproved,
+    Revoked,
+    VpnUnavailable,
+    Overload,
+    PairingDenied,
+}
+
+/// What opening a ticket gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TicketOutcome {
+    Valid { lease: Lease },
+    Refused(TicketRefusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TicketRefusal {
+    /// Not sealed by this gateway, or tampered with.
+    Invalid,
+    Expired,
+    /// Sealed for another peer's static key.
+    WrongPeer,
+    /// The peer was revoked since: its tickets died with it.
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionEnd {
+    PeerClosed,
+    Timeout,
+    TransportError,
+    ProtocolError,
+}
+
+/// What a worker counts (design §5.8: bad input of any kind gets a counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub packets_forwarded: u64,
+    pub packets_delivered: u64,
+    pub bytes_forwarded: u64,
+    pub bytes_delivered: u64,
+    pub bad_records: u64,
+    pub replayed_records: u64,
+    pub bad_packets: u64,
+    pub spoofed_sources: u64,
+    pub forbidden_destinations: u64,
+}
+
+impl Message for BrokerToWorker {
+    fn fd_count(&self) -> usize {
+        match self {
+            Self::AdoptTransport { .. } | Self::AttachDataPath { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            Self::Decision {
+                decision: Decision::Admit { lease, .. },
+                ..
+            }
+            | Self::TicketOpened {
+                outcome: TicketOutcome::Valid { lease },
+                ..
+            } => Ok(lease.validate()?),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Message for WorkerToBroker {}
+
+channel_ends! {
+    BrokerWorker,
+    BrokerEnd(Broker) sends BrokerToWorker, max MAX_FRAME_BROKER_WORKER;
+    WorkerEnd(Worker) sends WorkerToBroker, max MAX_FRAME_BROKER_WORKER;
+}
