@@ -355,7 +355,8 @@ mod tests {
         for _ in 0..4 {
             b.push(&vec![0; MAX_PACKET_LEN]).unwrap();
         }
-        b.push(&vec![0; MAX_BATCH_BYTES - 4 * MAX_PACKET_LEN]).unwrap();
+        b.push(&vec![0; MAX_BATCH_BYTES - 4 * MAX_PACKET_LEN])
+            .unwrap();
         assert_eq!(b.total_bytes(), MAX_BATCH_BYTES);
         assert_eq!(b.push(&[0]), Err(BatchError::TooManyBytes));
     }
