@@ -71,6 +71,7 @@ fn main() {
 
     match args.action.as_str() {
         "wait" => {}
+        "env" => println!("env count {}", std::env::vars_os().count()),
         "work" => work(&args),
         "socket" => {
             // SAFETY: plain syscall with integer arguments.
@@ -362,4 +363,18 @@ fn broker_work() {
     let st = std::process::Command::new("/bin/true").status().unwrap();
     assert!(st.success());
     println!("exec ok");
+    // A worker exec'd by the confined broker inherits the broker's filter and must still
+    // be able to confine itself (empty root, its own allowlist).
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["parser-worker", "work"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "worker under broker: {text}");
+    println!("worker under broker: {}", text.lines().next().unwrap_or(""));
+    println!("worker under broker ok");
 }
