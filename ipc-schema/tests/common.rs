@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests (included with `mod common;`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
 use std::io::Write;

@@ -1,6 +1,7 @@
 //! Descriptors that arrive where none (or other counts) are expected are closed and the
 //! receive fails typed. One test in this binary on purpose: it counts the process's
 //! open descriptors, which parallel tests would disturb.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,12 +1,15 @@
 //! Replays every saved fuzz input (`fuzz/corpus/<target>/*`) and every seed message as
 //! an ordinary test, so what the fuzzer found stays fixed without a nightly toolchain.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
 use ipc_schema::fuzzing::{TARGETS, seeds};
 
 fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
 }
 
 #[test]
