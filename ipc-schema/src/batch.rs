@@ -77,6 +77,15 @@ impl PacketBatch {
         }
     }
 
+    /// An empty batch with room for `packets` packets of `bytes` bytes in total.
+    pub fn with_capacity(lease: LeaseId, packets: usize, bytes: usize) -> Self {
+        Self {
+            lease,
+            ends: Vec::with_capacity(packets.min(MAX_BATCH_PACKETS)),
+            data: Vec::with_capacity(bytes.min(MAX_BATCH_BYTES)),
+        }
+    }
+
     pub fn lease(&self) -> LeaseId {
         self.lease
     }
@@ -290,7 +299,7 @@ struct Wire {
 impl<'de> Deserialize<'de> for PacketBatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        let mut batch = PacketBatch::new(w.lease);
+        let mut batch = PacketBatch::with_capacity(w.lease, w.lens.as_slice().len(), w.data.as_slice().len());
         let mut at = 0usize;
         for &len in w.lens.as_slice() {
             let next = at.saturating_add(usize::from(len));
