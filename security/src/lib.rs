@@ -188,8 +188,8 @@ impl Profile {
     /// One line for the document.
     pub fn describe(&self) -> String {
         let caps = match self.keep_cap {
-            Some(cap) => format!("only `CAP_{cap:?}` kept"),
-            None => "no capabilities".to_owned(),
+            Some(cap) => format!("only `CAP_{cap:?}`"),
+            None => "none".to_owned(),
         };
         let data = match self.max_data_bytes {
             Some(b) => format!("RLIMIT_DATA {} MiB", b / MIB),

@@ -124,6 +124,16 @@ macro_rules! eq {
 
 /// A 32-bit `arg & MASK == CONST` condition.
 macro_rules! masked {
+    ($arg:literal, $($m:ident)::+, $v:literal) => {
+        Cond {
+            arg: $arg,
+            width: Width::Dword,
+            cmp: Cmp::MaskedEq($($m)::+ as u64),
+            value: $v,
+            text: stringify!($v),
+            mask_text: last_ident!($($m)::+),
+        }
+    };
     ($arg:literal, $($m:ident)::+, $($v:ident)::+) => {
         Cond {
             arg: $arg,
@@ -171,7 +181,6 @@ pub const SOCK_TYPE_MASK: u64 = 0xf;
 
 /// `PROT_EXEC`: no role maps new executable memory after start-up.
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
-const NO_EXEC: u64 = 0;
 
 /// What every allowlisted role needs to run Rust, glibc, threads, tokio and the panic path
 /// (stderr message, unwinding or abort).
@@ -190,12 +199,12 @@ pub static RUNTIME: &[Syscall] = &[
     sys!(SYS_brk, "heap growth (malloc)"),
     sys!(
         SYS_mmap,
-        Args::OneOf(&[&[masked!(2, PROT_EXEC, NO_EXEC)]]),
+        Args::OneOf(&[&[masked!(2, PROT_EXEC, 0)]]),
         "allocation, thread stacks; never executable memory"
     ),
     sys!(
         SYS_mprotect,
-        Args::OneOf(&[&[masked!(2, PROT_EXEC, NO_EXEC)]]),
+        Args::OneOf(&[&[masked!(2, PROT_EXEC, 0)]]),
         "guard pages of thread and signal stacks; never executable memory"
     ),
     sys!(SYS_munmap, "free memory, thread stacks"),
@@ -671,4 +680,163 @@ pub fn render_markdown() -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Threads, Violation};
+
+    fn names(role: Role) -> Vec<&'static str> {
+        syscalls(role).iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn every_role_compiles_to_bpf_in_both_thread_modes() {
+        for role in Role::ALL {
+            for threads in [Threads::Allowed, Threads::Forbidden] {
+                let c = crate::seccomp::compile(role, threads, Violation::KillProcess).unwrap();
+                assert!(!c.programs.is_empty(), "{role:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_table_lists_a_syscall_twice() {
+        let all: [&[Syscall]; 6] = [
+            RUNTIME,
+            PARSER_WORKER,
+            NETSTACK,
+            CLIENT_SESSION,
+            CLIENT_HELPER,
+            BROKER_DENY,
+        ];
+        for table in all {
+            for (i, a) in table.iter().enumerate() {
+                assert!(
+                    table[i + 1..].iter().all(|b| b.nr != a.nr),
+                    "{} listed twice",
+                    a.name
+                );
+            }
+        }
+        // Role tables add to the runtime set; none silently replaces a runtime entry.
+        for table in [PARSER_WORKER, NETSTACK, CLIENT_SESSION, CLIENT_HELPER] {
+            for sc in table {
+                assert!(
+                    RUNTIME.iter().all(|r| r.nr != sc.nr) || sc.name == "ioctl",
+                    "{} overrides the runtime entry",
+                    sc.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_allowlist_allows_exec_ptrace_or_mounts() {
+        let forbidden = [
+            "execve",
+            "execveat",
+            "ptrace",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "unshare",
+            "setns",
+            "bpf",
+            "seccomp",
+            "process_vm_readv",
+            "process_vm_writev",
+            "vfork",
+            "fork",
+            "io_uring_setup",
+            "userfaultfd",
+            "open",
+            "creat",
+        ];
+        for role in Role::ALL {
+            if role == Role::Broker {
+                continue;
+            }
+            let allowed = names(role);
+            for f in forbidden {
+                assert!(!allowed.contains(&f), "{role:?} allows {f}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_helper_opens_files_and_the_worker_opens_no_socket() {
+        for role in [Role::ParserWorker, Role::Netstack, Role::ClientSession] {
+            assert!(!names(role).contains(&"openat"), "{role:?}");
+        }
+        for f in ["socket", "connect", "bind", "accept4", "listen"] {
+            assert!(!names(Role::ParserWorker).contains(&f), "worker allows {f}");
+        }
+    }
+
+    #[test]
+    fn broker_denylist_leaves_what_its_workers_need_to_confine() {
+        let denied = names(Role::Broker);
+        for needed in [
+            "execve",
+            "unshare",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "seccomp",
+            "prctl",
+            "capset",
+            "setrlimit",
+            "prlimit64",
+            "close_range",
+        ] {
+            assert!(!denied.contains(&needed), "broker denies {needed}");
+        }
+        for killed in [
+            "ptrace",
+            "process_vm_readv",
+            "bpf",
+            "kexec_load",
+            "init_module",
+        ] {
+            assert!(denied.contains(&killed), "broker allows {killed}");
+        }
+    }
+
+    #[test]
+    fn socket_rules_admit_only_the_documented_families() {
+        let socket = |role| {
+            syscalls(role)
+                .into_iter()
+                .find(|s| s.name == "socket")
+                .unwrap()
+                .args
+        };
+        let families = |args: Args| -> Vec<u64> {
+            match args {
+                Args::OneOf(alts) => alts
+                    .iter()
+                    .map(|alt| alt.iter().find(|c| c.arg == 0).unwrap().value)
+                    .collect(),
+                _ => panic!("socket must be argument-filtered"),
+            }
+        };
+        let inet = [libc::AF_INET as u64, libc::AF_INET6 as u64];
+        for role in [Role::Netstack, Role::ClientSession] {
+            assert!(families(socket(role)).iter().all(|f| inet.contains(f)));
+        }
+        let helper = [
+            libc::AF_NETLINK as u64,
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+        ];
+        assert!(
+            families(socket(Role::ClientHelper))
+                .iter()
+                .all(|f| helper.contains(f))
+        );
+    }
 }

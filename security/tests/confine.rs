@@ -1,6 +1,9 @@
 //! Real confined child processes (the `confine-probe` binary): each test fails if the
 //! property it names breaks. Children are killed and reaped when a test fails.
 
+// Test helpers outside #[test] functions: failing loudly is their job.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
