@@ -1,5 +1,6 @@
 //! Handshakes end to end (XX, IK, a key oracle on another thread, bad input) and a
 //! session over a lossy, duplicating, reordering datagram link.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -50,9 +51,11 @@ fn handshake(
 
 /// The broker in miniature: holds the key on its own thread, answers DH requests
 /// over a channel, counts them.
+type DhRequest = ([u8; 32], mpsc::Sender<Result<[u8; 32], OracleError>>);
+
 struct ThreadOracle {
     public: [u8; 32],
-    requests: Mutex<mpsc::Sender<([u8; 32], mpsc::Sender<Result<[u8; 32], OracleError>>)>>,
+    requests: Mutex<mpsc::Sender<DhRequest>>,
 }
 
 impl StaticKeyOracle for ThreadOracle {
@@ -75,7 +78,7 @@ fn spawn_broker(
     keys: StaticKeypair,
 ) -> (ThreadOracle, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
     let calls = Arc::new(AtomicUsize::new(0));
-    let (tx, rx) = mpsc::channel::<([u8; 32], mpsc::Sender<Result<[u8; 32], OracleError>>)>();
+    let (tx, rx) = mpsc::channel::<DhRequest>();
     let public = keys.public_key();
     let counter = calls.clone();
     let handle = std::thread::spawn(move || {
