@@ -611,3 +611,51 @@ fn parser_worker_memory_is_bounded() {
     );
     assert!(!done.stdout.contains("survived"));
 }
+
+// --- threads that exist before confine -------------------------------------------------------
+
+#[test]
+fn confine_refuses_to_clear_env_while_threads_run() {
+    let out = Command::new(PROBE)
+        .args(["parser-worker", "wait", "--thread-before"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("threads are running"), "{stderr}");
+}
+
+#[test]
+fn tsync_confines_a_thread_started_before_confine() {
+    let probe = Probe::spawn(
+        "parser-worker",
+        "early-thread-socket",
+        &["--thread-before", "--keep-env"],
+    );
+    // unshare(CLONE_NEWUSER) refuses threaded processes: the fallback must be reported.
+    assert!(
+        !probe.report.contains("EmptyTmpfsInUserNamespace"),
+        "{}",
+        probe.report
+    );
+    if is_root() {
+        assert!(
+            probe.report.contains("ChrootToRemovedDir"),
+            "{}",
+            probe.report
+        );
+    }
+    assert_eq!(probe.status_field("Threads"), "2");
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", probe.pid())).unwrap();
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(
+            status.contains("Seccomp:\t2"),
+            "a thread without seccomp:\n{status}"
+        );
+    }
+    probe
+        .go()
+        .assert_sigsys("socket() from a thread started before confine");
+}

@@ -26,6 +26,7 @@ struct Args {
     options: ConfineOptions,
     check_closed: Vec<RawFd>,
     dir: Option<PathBuf>,
+    thread_before: bool,
 }
 
 fn parse() -> Args {
@@ -35,6 +36,7 @@ fn parse() -> Args {
     let mut options = ConfineOptions::keep(&[]);
     let mut check_closed = Vec::new();
     let mut dir = None;
+    let mut thread_before = false;
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--keep" => options.keep_fds.push(it.next().unwrap().parse().unwrap()),
@@ -42,6 +44,8 @@ fn parse() -> Args {
             "--threads-forbidden" => options.threads = Threads::Forbidden,
             "--no-userns" => options.no_user_namespace = true,
             "--dir" => dir = Some(PathBuf::from(it.next().unwrap())),
+            "--thread-before" => thread_before = true,
+            "--keep-env" => options.keep_env = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -51,11 +55,24 @@ fn parse() -> Args {
         options,
         check_closed,
         dir,
+        thread_before,
     }
 }
 
 fn main() {
     let args = parse();
+    // A thread that exists before confine: TSYNC must confine it too. On "go" it tries
+    // to open a socket.
+    let (early_tx, early_rx) = std::sync::mpsc::channel::<()>();
+    let early = args.thread_before.then(|| {
+        std::thread::spawn(move || {
+            if early_rx.recv().is_ok() {
+                // SAFETY: plain syscall with integer arguments.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                println!("early thread socket returned {fd}");
+            }
+        })
+    });
     let report = match confine(args.role, &args.options) {
         Ok(r) => r,
         Err(e) => {
@@ -71,6 +88,13 @@ fn main() {
 
     match args.action.as_str() {
         "wait" => {}
+        "early-thread-socket" => {
+            early_tx.send(()).unwrap();
+            if let Some(t) = early {
+                t.join().unwrap();
+            }
+            survived();
+        }
         "env" => println!("env count {}", std::env::vars_os().count()),
         "work" => work(&args),
         "socket" => {
