@@ -41,16 +41,15 @@ pub enum FsView {
 
 /// Builds the empty view with the best mechanism the kernel allows.
 ///
-/// `allow_userns == false` skips the user-namespace mechanism (used by tests to exercise
-/// the fallback). `scratch` is where the chroot fallback creates its directory.
-pub(crate) fn empty_root(allow_userns: bool, scratch: &Path) -> FsView {
-    let userns_error = if allow_userns {
-        match userns_tmpfs_root() {
+/// `skip_userns` names why the user-namespace mechanism is not tried (a threaded caller,
+/// or tests of the fallback). `scratch` is where the chroot fallback creates its directory.
+pub(crate) fn empty_root(skip_userns: Option<String>, scratch: &Path) -> FsView {
+    let userns_error = match skip_userns {
+        Some(reason) => reason,
+        None => match userns_tmpfs_root() {
             Ok(()) => return FsView::EmptyTmpfsInUserNamespace,
             Err(e) => e,
-        }
-    } else {
-        "disabled by the caller".to_owned()
+        },
     };
     tracing::warn!(%userns_error, "user-namespace root unavailable, trying chroot fallback");
     match chroot_removed_dir(scratch) {

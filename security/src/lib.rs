@@ -310,6 +310,8 @@ pub fn confine(role: Role, options: &ConfineOptions) -> Result<Confinement, Erro
     // Compile first: a policy error must leave the process untouched.
     let compiled = seccomp::compile(role, options.threads, options.violation)?;
 
+    // Before the environment is cleared ($TMPDIR); used by the chroot fallback only.
+    let scratch = scratch_dir();
     let env_cleared = if options.keep_env {
         false
     } else {
@@ -320,8 +322,6 @@ pub fn confine(role: Role, options: &ConfineOptions) -> Result<Confinement, Erro
         clear_environment();
         true
     };
-    // Read before anything closes /proc access; used by the chroot fallback only.
-    let scratch = scratch_dir();
 
     if !options.keep_stdio {
         redirect_stdio_to_null(&options.keep_fds)?;
@@ -329,8 +329,16 @@ pub fn confine(role: Role, options: &ConfineOptions) -> Result<Confinement, Erro
     let open_fds = close_other_fds(&options.keep_fds)?;
 
     let fs_view = if profile.empty_root {
-        let single = thread_count().map(|n| n == 1).unwrap_or(false);
-        fsview::empty_root(single && !options.no_user_namespace, &scratch)
+        let skip_userns = if options.no_user_namespace {
+            Some("disabled by the caller (ConfineOptions::no_user_namespace)".to_owned())
+        } else {
+            match thread_count() {
+                Ok(1) => None,
+                Ok(n) => Some(format!("{n} threads run: unshare(CLONE_NEWUSER) needs one")),
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        fsview::empty_root(skip_userns, &scratch)
     } else {
         FsView::Host
     };

@@ -7,9 +7,9 @@
 //! document cannot drift from what the code installs.
 //!
 //! The numbers are the ones of the architecture the crate is compiled for. A few legacy
-//! syscalls (`poll`, `epoll_wait`, `rename`, `unlink`, `mkdir`, `newfstatat` spelled as
-//! such) exist on x86_64 only; aarch64 and riscv64 glibc uses their `*at`/`p*` forms,
-//! which the tables list as well. The rendered document is the x86_64 view.
+//! syscalls (`poll`, `epoll_wait`, `rename`, `unlink`, `iopl`, `ioperm`, `uselib`) are
+//! listed on x86_64 only; aarch64 and riscv64 glibc uses their `*at`/`p*` forms, which the
+//! tables list as well. The rendered document is the x86_64 view.
 
 use crate::Role;
 
@@ -448,7 +448,6 @@ pub static CLIENT_HELPER: &[Syscall] = &[
         SYS_openat,
         "/dev/net/tun, the journal, /etc/resolv.conf and its temporary"
     ),
-    #[cfg(target_arch = "x86_64")]
     sys!(SYS_newfstatat, "metadata of the journal and resolv.conf"),
     sys!(SYS_fstat, "metadata of open files"),
     sys!(SYS_statx, "metadata (std::fs)"),
@@ -510,6 +509,7 @@ pub static BROKER_DENY: &[Syscall] = &[
         "I/O whose operations seccomp does not see"
     ),
     sys!(SYS_kexec_load, "replacing the kernel"),
+    #[cfg(not(target_arch = "riscv64"))]
     sys!(SYS_kexec_file_load, "replacing the kernel"),
     sys!(SYS_init_module, "loading kernel code"),
     sys!(SYS_finit_module, "loading kernel code"),

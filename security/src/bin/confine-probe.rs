@@ -27,6 +27,7 @@ struct Args {
     check_closed: Vec<RawFd>,
     dir: Option<PathBuf>,
     thread_before: bool,
+    netns: bool,
 }
 
 fn parse() -> Args {
@@ -37,6 +38,7 @@ fn parse() -> Args {
     let mut check_closed = Vec::new();
     let mut dir = None;
     let mut thread_before = false;
+    let mut netns = false;
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--keep" => options.keep_fds.push(it.next().unwrap().parse().unwrap()),
@@ -45,6 +47,19 @@ fn parse() -> Args {
             "--no-userns" => options.no_user_namespace = true,
             "--dir" => dir = Some(PathBuf::from(it.next().unwrap())),
             "--thread-before" => thread_before = true,
+            "--netns" => {
+                // A private network namespace, so the helper's TUN test touches nothing
+                // of the host. Needs root.
+                // SAFETY: plain syscall with an integer argument, single-threaded here.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "unshare(CLONE_NEWNET): {}",
+                    std::io::Error::last_os_error()
+                );
+                netns = true;
+            }
             "--keep-env" => options.keep_env = true,
             other => panic!("unknown argument {other}"),
         }
@@ -56,6 +71,7 @@ fn parse() -> Args {
         check_closed,
         dir,
         thread_before,
+        netns,
     }
 }
 
@@ -238,6 +254,11 @@ fn work(args: &Args) {
     b[7] = 7;
     let s: usize = v.iter().map(|x| usize::from(*x)).sum();
     println!("allocated, touched {s} pages");
+    let mut key = [0u8; 32];
+    // SAFETY: the buffer pointer and length describe `key`, alive for the call.
+    let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+    assert_eq!(n, 32);
+    println!("getrandom ok");
     drop(v);
 
     // Inherited descriptors not kept must be closed.
@@ -291,7 +312,7 @@ fn work(args: &Args) {
 
     match args.role {
         Role::Netstack | Role::ClientSession => network_work(),
-        Role::ClientHelper => helper_work(args.dir.as_ref().expect("--dir")),
+        Role::ClientHelper => helper_work(args.dir.as_ref().expect("--dir"), args.netns),
         Role::Broker => broker_work(),
         Role::ParserWorker => {}
     }
@@ -336,7 +357,7 @@ fn network_work() {
     println!("network ok");
 }
 
-fn helper_work(dir: &std::path::Path) {
+fn helper_work(dir: &std::path::Path, netns: bool) {
     // SAFETY: plain syscalls with integer arguments.
     let nl = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     assert!(
@@ -368,7 +389,33 @@ fn helper_work(dir: &std::path::Path) {
     // SAFETY: SIOCGIFINDEX reads and writes the ifreq `ifr`, alive for the call.
     let rc = unsafe { libc::ioctl(inet, libc::SIOCGIFINDEX, &raw mut ifr) };
     assert_eq!(rc, 0, "SIOCGIFINDEX: {}", std::io::Error::last_os_error());
+    // A netlink dump of the links: sendto + recvfrom on the netlink socket.
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: the buffer pointer and length describe `req`, alive for the call.
+    let sent = unsafe { libc::send(nl, req.as_ptr().cast(), req.len(), 0) };
+    assert_eq!(
+        sent,
+        32,
+        "netlink send: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut buf = vec![0u8; 32 * 1024];
+    // SAFETY: the buffer pointer and length describe `buf`, alive for the call.
+    let got = unsafe { libc::recv(nl, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    assert!(
+        got > 16,
+        "netlink recv: {}",
+        std::io::Error::last_os_error()
+    );
     println!("sockets ok");
+    if netns {
+        tun_work(inet);
+    }
     let tmp = dir.join("journal.tmp");
     let fin = dir.join("journal");
     let mut f = std::fs::File::create(&tmp).unwrap();
@@ -401,4 +448,39 @@ fn broker_work() {
     assert!(out.status.success(), "worker under broker: {text}");
     println!("worker under broker: {}", text.lines().next().unwrap_or(""));
     println!("worker under broker ok");
+}
+
+/// Creates a TUN device (in the probe's private network namespace), brings it up and sets
+/// its MTU: the helper's own job.
+fn tun_work(inet: libc::c_int) {
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let name = b"vsprobe0";
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF reads and writes the ifreq `ifr`, alive for the call.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &raw mut ifr) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    // SAFETY: SIOCGIFFLAGS writes the flags into `ifr`, alive for the call.
+    let rc = unsafe { libc::ioctl(inet, libc::SIOCGIFFLAGS, &raw mut ifr) };
+    assert_eq!(rc, 0, "SIOCGIFFLAGS: {}", std::io::Error::last_os_error());
+    // SAFETY: reading the flags member the kernel just wrote.
+    let up = unsafe { ifr.ifr_ifru.ifru_flags } | libc::IFF_UP as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = up;
+    // SAFETY: SIOCSIFFLAGS reads `ifr`, alive for the call.
+    let rc = unsafe { libc::ioctl(inet, libc::SIOCSIFFLAGS, &raw mut ifr) };
+    assert_eq!(rc, 0, "SIOCSIFFLAGS: {}", std::io::Error::last_os_error());
+    ifr.ifr_ifru.ifru_mtu = 1380;
+    // SAFETY: SIOCSIFMTU reads `ifr`, alive for the call.
+    let rc = unsafe { libc::ioctl(inet, libc::SIOCSIFMTU, &raw mut ifr) };
+    assert_eq!(rc, 0, "SIOCSIFMTU: {}", std::io::Error::last_os_error());
+    println!("tun ok");
 }
