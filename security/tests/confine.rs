@@ -499,6 +499,32 @@ fn environment_is_cleared() {
 }
 
 #[test]
+fn unkept_stdin_is_pointed_at_dev_null() {
+    let mut child = Command::new(PROBE)
+        .args(["parser-worker", "stdin", "--null-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Written before the probe confines itself: only a redirected stdin reads nothing.
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let probe = Probe {
+        stdout: BufReader::new(child.stdout.take().unwrap()),
+        child,
+        report: String::new(),
+    };
+    let done = probe.finish();
+    done.assert_success("null stdin");
+    assert!(done.stdout.contains("stdin line: \"\""), "{}", done.stdout);
+    assert!(
+        done.stdout.contains("open_fds: [0, 1, 2]"),
+        "{}",
+        done.stdout
+    );
+}
+
+#[test]
 fn parser_worker_root_is_empty_tmpfs_in_user_namespace() {
     if !user_namespaces_available() {
         eprintln!("SKIPPED: user namespaces are disabled on this kernel (max_user_namespaces=0)");
@@ -570,6 +596,32 @@ fn panic_unwinds_with_message_in_every_role() {
             done.stderr
         );
     }
+}
+
+#[test]
+fn panic_with_rust_backtrace_set_at_launch_still_exits_cleanly() {
+    // Symbolizing a backtrace opens the executable: an openat the worker may not make.
+    // confine clears the environment, so RUST_BACKTRACE from the launcher has no effect.
+    let done = Probe::spawn_with(
+        "parser-worker",
+        "panic",
+        &[],
+        None,
+        &[("RUST_BACKTRACE", "1")],
+    )
+    .go();
+    assert_eq!(
+        done.status.code(),
+        Some(101),
+        "{:?}\n{}",
+        done.status,
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("probe: deliberate panic"),
+        "{}",
+        done.stderr
+    );
 }
 
 #[test]

@@ -61,6 +61,10 @@ fn parse() -> Args {
                 netns = true;
             }
             "--keep-env" => options.keep_env = true,
+            "--null-stdin" => {
+                options.keep_stdio = false;
+                options.keep_fds.extend([1, 2]);
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -101,9 +105,12 @@ fn main() {
     std::io::stdout().flush().unwrap();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).unwrap();
+    if args.action == "stdin" {
+        println!("stdin line: {line:?}");
+    }
 
     match args.action.as_str() {
-        "wait" => {}
+        "wait" | "stdin" => {}
         "early-thread-socket" => {
             early_tx.send(()).unwrap();
             if let Some(t) = early {
