@@ -507,8 +507,9 @@ fn unkept_stdin_is_pointed_at_dev_null() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Written before the probe confines itself: only a redirected stdin reads nothing.
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    // Without the redirect the probe blocks until it reads this line; with it, it reads
+    // EOF — and may have dropped the pipe's read end already (EPIPE here is fine).
+    let _ = child.stdin.take().unwrap().write_all(b"go\n");
     let probe = Probe {
         stdout: BufReader::new(child.stdout.take().unwrap()),
         child,
