@@ -8,6 +8,8 @@ use std::path::Path;
 fn target_body(name: &str) -> Option<fn(&[u8])> {
     match name {
         "record_decode" => Some(vshp::fuzzing::record_decode),
+        "handshake_responder" => Some(vshp::fuzzing::handshake_responder),
+        "session_receive" => Some(vshp::fuzzing::session_receive),
         _ => None,
     }
 }
