@@ -1,0 +1,175 @@
+//! Configuration: egress, DNS upstreams, per-peer caps and timeouts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// Where forwarded traffic may leave the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Egress {
+    /// `--egress any`: let the OS routing table decide.
+    Any,
+    /// `--egress vpn`: outbound sockets must leave only through this interface.
+    ///
+    /// Each socket is first bound to the device with `SO_BINDTODEVICE` (allowed
+    /// unprivileged on Linux ≥ 5.7 for a socket not yet bound to a device). If the
+    /// kernel refuses, the socket is bound to the interface's source address of the
+    /// right family taken from `addrs`; a family without an address cannot egress.
+    Interface {
+        /// Interface name, for example `tun0`.
+        name: String,
+        /// The interface's own addresses (fallback source binding).
+        addrs: Vec<IpAddr>,
+    },
+}
+
+/// Per-peer (per-lease) resource caps. One peer cannot exceed these whatever it sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    /// Open TCP flows (connecting or established) per lease.
+    pub max_tcp_flows: usize,
+    /// TCP flows still waiting for the OS connect per lease.
+    pub max_pending_connects: usize,
+    /// UDP mappings (one OS socket per client address:port) per lease.
+    pub max_udp_mappings: usize,
+    /// ICMP echo mappings (one ping socket per client echo identifier) per lease.
+    pub max_ping_mappings: usize,
+    /// DNS queries forwarded upstream and not yet answered, per lease.
+    pub max_dns_pending: usize,
+    /// Bytes of smoltcp socket buffers per lease.
+    pub max_buffer_bytes: usize,
+    /// Bytes of packets queued from the client and not yet processed, per lease.
+    pub max_inbound_queue_bytes: usize,
+    /// Bytes of packets queued for the client and not yet drained, per lease.
+    pub max_outbound_queue_bytes: usize,
+    /// All flows of all leases together (bounds file descriptors).
+    pub max_total_flows: usize,
+    /// Entries in the shared DNS cache.
+    pub max_dns_cache_entries: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Self {
+            max_tcp_flows: 512,
+            max_pending_connects: 64,
+            max_udp_mappings: 256,
+            max_ping_mappings: 16,
+            max_dns_pending: 64,
+            max_buffer_bytes: 32 * 1024 * 1024,
+            max_inbound_queue_bytes: 2 * 1024 * 1024,
+            max_outbound_queue_bytes: 2 * 1024 * 1024,
+            max_total_flows: 16_384,
+            max_dns_cache_entries: 4096,
+        }
+    }
+}
+
+/// Timeouts (RFC 5382 / RFC 4787 minimums where they exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long an OS connect may take before the client gets ICMP unreachable.
+    pub tcp_connect: Duration,
+    /// An established TCP flow with no traffic in either direction is aborted after this.
+    pub tcp_idle: Duration,
+    /// A UDP mapping with no traffic is closed after this (≥ 2 min).
+    pub udp_idle: Duration,
+    /// An ICMP echo mapping with no traffic is closed after this.
+    pub ping_idle: Duration,
+    /// A DNS query forwarded upstream is forgotten after this.
+    pub dns_query: Duration,
+    /// Upper bound on how long a DNS answer is cached, whatever its TTL says.
+    pub dns_max_ttl: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_connect: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(2 * 3600 + 4 * 60),
+            udp_idle: Duration::from_secs(300),
+            ping_idle: Duration::from_secs(30),
+            dns_query: Duration::from_secs(5),
+            dns_max_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Everything `Netstack::new` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// DNS servers the forwarder asks (read once at start-up, before confinement).
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Which interface/addresses outbound sockets may use.
+    pub egress: Egress,
+    /// Per-peer caps.
+    pub caps: Caps,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Size of each smoltcp TCP socket buffer (receive and send alike).
+    pub tcp_buffer_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            dns_upstreams: Vec::new(),
+            egress: Egress::Any,
+            caps: Caps::default(),
+            timeouts: Timeouts::default(),
+            tcp_buffer_size: 64 * 1024,
+        }
+    }
+}
+
+/// Most nameservers taken from a resolv.conf.
+pub const MAX_UPSTREAMS: usize = 8;
+/// Largest resolv.conf read.
+const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
+/// Reads the `nameserver` lines of a resolv.conf (normally `/etc/resolv.conf`).
+///
+/// Call this once at start-up, before the process is confined.
+pub fn read_resolv_conf(path: &Path) -> std::io::Result<Vec<SocketAddr>> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_RESOLV_CONF)
+        .read_to_string(&mut text)?;
+    Ok(parse_resolv_conf(&text))
+}
+
+/// Parses the `nameserver` lines of resolv.conf text (port 53; scoped addresses skipped).
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("nameserver") {
+                return None;
+            }
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .take(MAX_UPSTREAMS)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nsearch example\nnameserver 10.0.0.1\nnameserver ::1\n\
+                    nameserver fe80::1%eth0\nnameserver bogus\noptions edns0\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec!["10.0.0.1:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn udp_timeout_is_at_least_two_minutes() {
+        assert!(Timeouts::default().udp_idle >= Duration::from_secs(120));
+    }
+}

@@ -1,0 +1,122 @@
+//! Outbound OS sockets, bound to the egress the configuration names.
+
+use crate::config::Egress;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// What kind of outbound socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Tcp,
+    Udp,
+    /// Unprivileged ICMP "ping" socket (`SOCK_DGRAM`, `IPPROTO_ICMP`/`ICMPV6`).
+    Ping,
+}
+
+/// Creates a non-blocking, close-on-exec socket of `kind` for the family of `remote`,
+/// restricted to the configured egress.
+pub(crate) fn socket(kind: Kind, v6: bool, egress: &Egress) -> io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let (ty, proto) = match (kind, v6) {
+        (Kind::Tcp, _) => (Type::STREAM, Protocol::TCP),
+        (Kind::Udp, _) => (Type::DGRAM, Protocol::UDP),
+        (Kind::Ping, false) => (Type::DGRAM, Protocol::ICMPV4),
+        (Kind::Ping, true) => (Type::DGRAM, Protocol::ICMPV6),
+    };
+    let sock = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))?;
+    if v6 {
+        sock.set_only_v6(true)?;
+    }
+    if kind == Kind::Tcp {
+        sock.set_tcp_nodelay(true)?;
+    }
+    bind_egress(&sock, v6, egress)?;
+    Ok(sock)
+}
+
+fn bind_egress(sock: &Socket, v6: bool, egress: &Egress) -> io::Result<()> {
+    let Egress::Interface { name, addrs } = egress else {
+        return Ok(());
+    };
+    match sock.bind_device(Some(name.as_bytes())) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => return Err(e),
+    }
+    // SO_BINDTODEVICE refused: bind to the interface's own source address instead, so
+    // the kernel can only route the socket out of the interface that owns it.
+    let addr = addrs
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv6() == v6)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))?;
+    sock.bind(&SockAddr::from(SocketAddr::new(addr, 0)))
+}
+
+/// The unspecified address of a family, port 0.
+pub(crate) fn any_addr(v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    }
+}
+
+/// A non-blocking TCP connect; `Ok` also while it is in progress.
+pub(crate) fn tcp_connect(remote: SocketAddr, egress: &Egress) -> io::Result<mio::net::TcpStream> {
+    let sock = socket(Kind::Tcp, remote.is_ipv6(), egress)?;
+    match sock.connect(&SockAddr::from(remote)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(mio::net::TcpStream::from_std(std::net::TcpStream::from(
+        sock,
+    )))
+}
+
+/// A UDP (or ping) socket bound to an ephemeral port of the egress.
+pub(crate) fn udp_bind(kind: Kind, v6: bool, egress: &Egress) -> io::Result<mio::net::UdpSocket> {
+    let sock = socket(kind, v6, egress)?;
+    // Unbound (egress any, or bound to a device only): take an ephemeral port now.
+    let bound = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .is_some_and(|a| a.port() != 0);
+    if !bound {
+        sock.bind(&SockAddr::from(any_addr(v6)))?;
+    }
+    Ok(mio::net::UdpSocket::from_std(std::net::UdpSocket::from(
+        sock,
+    )))
+}
+
+/// Sets `SO_LINGER` 0 so that dropping the stream sends RST instead of FIN.
+pub(crate) fn set_abortive(stream: &mio::net::TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_egress_makes_sockets() {
+        let s = udp_bind(Kind::Udp, false, &Egress::Any).unwrap();
+        assert!(s.local_addr().unwrap().port() != 0);
+    }
+
+    #[test]
+    fn missing_interface_is_an_error_not_a_leak() {
+        // A device that does not exist: either SO_BINDTODEVICE fails (ENODEV) or, if
+        // refused for privilege, there is no source address to fall back to.
+        let egress = Egress::Interface {
+            name: "vshnope0".into(),
+            addrs: vec![],
+        };
+        assert!(socket(Kind::Udp, false, &egress).is_err());
+    }
+}

@@ -1,0 +1,1668 @@
+//! The netstack: leases, flows, the smoltcp interfaces and the OS sockets.
+//!
+//! One [`Netstack`] serves every lease of the gateway. Each lease has its own smoltcp
+//! `Interface` (any-IP, medium IP, MTU = lease MTU, so smoltcp's MSS follows the
+//! lease) with its own socket set and packet queues: per-peer caps and draining are
+//! then per-interface facts, and one peer's sockets are never scanned for another's.
+//! TCP goes through smoltcp; UDP, DNS and ICMP echo are handled directly on packets
+//! (endpoint-independent mappings need no TCP state machine).
+//!
+//! OS sockets are non-blocking and registered edge-triggered with one `mio::Poll`
+//! (epoll). The caller either blocks in [`Netstack::wait`] or puts
+//! [`Netstack::as_raw_fd`] into its own event loop, then calls [`Netstack::poll`] with
+//! the current time; `poll` returns the next deadline (smoltcp's `poll_at`, flow
+//! timeouts), so nothing ever sleep-polls.
+
+use crate::config::Config;
+use crate::counters::{Counters, DropReason, LeaseStats};
+use crate::device::LeaseDevice;
+use crate::dns::{self, CacheKey, DnsCache};
+use crate::egress::{self, Kind};
+use crate::packet::{self, IcmpError, Parsed, Transport};
+use mio::{Interest, Token};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpListenEndpoint,
+};
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+use vshp::lease::{Lease, LeaseId};
+
+/// How often flow timeouts are checked while flows exist.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// A listener whose SYN smoltcp did not take within this time is dropped.
+const LISTEN_GRACE: Duration = Duration::from_secs(5);
+/// Receive buffer for one datagram from the OS.
+const SCRATCH_LEN: usize = 65_536;
+/// Most mio events handled per `poll`.
+const EVENTS: usize = 1024;
+/// Tokens at or above this are DNS upstream sockets.
+const DNS_TOKEN_BASE: usize = usize::MAX - 64;
+/// Most DNS queries awaiting an upstream answer, all leases together.
+const MAX_DNS_PENDING_TOTAL: usize = 16_384;
+/// Most smoltcp polls per peer per `poll` call in the relay loop.
+const RELAY_ROUNDS: usize = 4;
+/// Most datagrams read from one mapping per service.
+const DGRAM_BUDGET: usize = 256;
+
+/// Errors of the netstack API.
+#[derive(Debug, thiserror::Error)]
+pub enum NetstackError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("lease {0:?} is already known")]
+    LeaseExists(LeaseId),
+    #[error("invalid lease: {0}")]
+    BadLease(#[from] vshp::lease::LeaseError),
+}
+
+/// A batch of packets in one contiguous buffer: filled by
+/// [`Netstack::drain_outbound`], reused by the caller (no per-packet allocation
+/// once its capacity has grown).
+#[derive(Debug, Default, Clone)]
+pub struct PacketBatch {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl PacketBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Empties the batch, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+    /// Appends one packet.
+    pub fn push(&mut self, packet: &[u8]) {
+        self.data.extend_from_slice(packet);
+        self.ends.push(self.data.len());
+    }
+    /// Number of packets.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+    /// Total bytes of all packets.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    /// The packets, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .filter_map(|(s, e)| self.data.get(s..e))
+    }
+}
+
+type FlowId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TcpKey {
+    lease: LeaseId,
+    client: SocketAddr,
+    remote: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct UdpKey {
+    lease: LeaseId,
+    client: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PingKey {
+    lease: LeaseId,
+    client: IpAddr,
+    ident: u16,
+}
+
+#[derive(Debug)]
+enum TcpState {
+    /// OS connect in progress; the client's SYN waits here.
+    Connecting { syn: Vec<u8>, deadline: Instant },
+    /// smoltcp socket created; relaying.
+    Open {
+        handle: SocketHandle,
+        opened: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct TcpFlow {
+    key: TcpKey,
+    stream: mio::net::TcpStream,
+    state: TcpState,
+    readable: bool,
+    writable: bool,
+    os_eof: bool,
+    os_shut_wr: bool,
+    established: bool,
+    last_active: Instant,
+}
+
+#[derive(Debug)]
+struct UdpFlow {
+    key: UdpKey,
+    sock: mio::net::UdpSocket,
+    readable: bool,
+    last_active: Instant,
+}
+
+#[derive(Debug)]
+struct PingFlow {
+    key: PingKey,
+    sock: mio::net::UdpSocket,
+    readable: bool,
+    last_active: Instant,
+}
+
+#[derive(Debug)]
+enum Flow {
+    Tcp(TcpFlow),
+    Udp(UdpFlow),
+    Ping(PingFlow),
+}
+
+impl Flow {
+    fn lease(&self) -> LeaseId {
+        match self {
+            Flow::Tcp(f) => f.key.lease,
+            Flow::Udp(f) => f.key.lease,
+            Flow::Ping(f) => f.key.lease,
+        }
+    }
+}
+
+struct Peer {
+    lease: Lease,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: LeaseDevice,
+    tcp: HashSet<FlowId>,
+    dgram: HashSet<FlowId>,
+    pending_connects: usize,
+    udp_flows: usize,
+    ping_flows: usize,
+    dns_pending: usize,
+    buffer_bytes: usize,
+    dirty: bool,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("lease", &self.lease.id)
+            .field("tcp", &self.tcp.len())
+            .field("dgram", &self.dgram.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    fn owns_source(&self, src: IpAddr) -> bool {
+        match src {
+            IpAddr::V4(a) => a == self.lease.ipv4.addr,
+            IpAddr::V6(a) => self.lease.ipv6.is_some_and(|p| p.addr == a),
+        }
+    }
+
+    fn is_dns(&self, dst: IpAddr, port: u16) -> bool {
+        port == 53 && self.lease.dns.contains(&dst)
+    }
+
+    /// Queues a packet built by `build` for the client.
+    fn emit(
+        &mut self,
+        counters: &mut Counters,
+        build: impl FnOnce(&mut Vec<u8>) -> Result<(), packet::BuildError>,
+    ) -> bool {
+        let mut buf = self.dev.tx_pool.take();
+        if build(&mut buf).is_err() {
+            self.dev.tx_pool.give(buf);
+            return false;
+        }
+        match self.dev.tx.push(buf) {
+            Ok(()) => true,
+            Err(buf) => {
+                self.dev.tx_pool.give(buf);
+                counters.drop(DropReason::QueueFull);
+                false
+            }
+        }
+    }
+
+    fn icmp_error(&mut self, counters: &mut Counters, original: &[u8], kind: IcmpError) {
+        if self.emit(counters, |b| packet::build_icmp_error(b, original, kind)) {
+            counters.icmp_errors_sent += 1;
+        }
+    }
+
+    /// Queues a client packet for smoltcp.
+    fn to_smoltcp(&mut self, counters: &mut Counters, pkt: &[u8]) {
+        if !self.dev.rx.has_room(pkt.len()) {
+            counters.drop(DropReason::QueueFull);
+            return;
+        }
+        let mut buf = self.dev.rx_pool.take();
+        buf.extend_from_slice(pkt);
+        if let Err(buf) = self.dev.rx.push(buf) {
+            self.dev.rx_pool.give(buf);
+            counters.drop(DropReason::QueueFull);
+        }
+        self.dirty = true;
+    }
+}
+
+#[derive(Debug)]
+struct Upstream {
+    addr: SocketAddr,
+    sock: Option<mio::net::UdpSocket>,
+}
+
+#[derive(Debug)]
+struct PendingDns {
+    lease: LeaseId,
+    client: SocketAddr,
+    server: SocketAddr,
+    client_id: u16,
+    key: Option<CacheKey>,
+    query: Vec<u8>,
+    upstream: usize,
+    deadline: Instant,
+}
+
+/// The netstack of one gateway: every lease's flows.
+pub struct Netstack {
+    config: Config,
+    poll: mio::Poll,
+    events: mio::Events,
+    events_pending: bool,
+    epoch: Instant,
+    peers: HashMap<LeaseId, Peer>,
+    flows: HashMap<FlowId, Flow>,
+    tcp_index: HashMap<TcpKey, FlowId>,
+    udp_index: HashMap<UdpKey, FlowId>,
+    ping_index: HashMap<PingKey, FlowId>,
+    next_flow: FlowId,
+    cache: DnsCache,
+    upstreams: Vec<Upstream>,
+    preferred_upstream: usize,
+    dns_pending: HashMap<u16, PendingDns>,
+    counters: Counters,
+    egress_available: bool,
+    ping_unavailable: bool,
+    scratch: Vec<u8>,
+    ready: Vec<(Token, bool, bool)>,
+    next_sweep: Option<Instant>,
+    more_work: bool,
+}
+
+impl std::fmt::Debug for Netstack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netstack")
+            .field("peers", &self.peers.len())
+            .field("flows", &self.flows.len())
+            .field("egress_available", &self.egress_available)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// What the client gets when the OS cannot reach a destination (`None`: TCP RST).
+fn failure_reply(err: &io::Error) -> Option<IcmpError> {
+    match err.raw_os_error() {
+        Some(libc::ECONNREFUSED) => None,
+        Some(libc::ENETUNREACH) => Some(IcmpError::NetUnreachable),
+        Some(libc::EACCES) | Some(libc::EPERM) => Some(IcmpError::AdminProhibited),
+        _ => Some(IcmpError::HostUnreachable),
+    }
+}
+
+impl Netstack {
+    /// Creates a netstack (one epoll instance; no lease yet).
+    pub fn new(config: Config) -> Result<Self, NetstackError> {
+        let upstreams = config
+            .dns_upstreams
+            .iter()
+            .map(|&addr| Upstream { addr, sock: None })
+            .collect();
+        Ok(Self {
+            cache: DnsCache::new(config.caps.max_dns_cache_entries),
+            config,
+            poll: mio::Poll::new()?,
+            events: mio::Events::with_capacity(EVENTS),
+            events_pending: false,
+            epoch: Instant::now(),
+            peers: HashMap::new(),
+            flows: HashMap::new(),
+            tcp_index: HashMap::new(),
+            udp_index: HashMap::new(),
+            ping_index: HashMap::new(),
+            next_flow: 1,
+            upstreams,
+            preferred_upstream: 0,
+            dns_pending: HashMap::new(),
+            counters: Counters::default(),
+            egress_available: true,
+            ping_unavailable: false,
+            scratch: vec![0; SCRATCH_LEN],
+            ready: Vec::with_capacity(EVENTS),
+            next_sweep: None,
+            more_work: false,
+        })
+    }
+
+    fn smol(&self, now: Instant) -> SmolInstant {
+        let micros = now.saturating_duration_since(self.epoch).as_micros();
+        SmolInstant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+
+    /// Starts serving a lease.
+    pub fn add_lease(&mut self, lease: &Lease) -> Result<(), NetstackError> {
+        lease.validate()?;
+        if self.peers.contains_key(&lease.id) {
+            return Err(NetstackError::LeaseExists(lease.id));
+        }
+        let caps = &self.config.caps;
+        let mut dev = LeaseDevice::new(
+            usize::from(lease.mtu),
+            caps.max_inbound_queue_bytes,
+            caps.max_outbound_queue_bytes,
+        );
+        let mut cfg = smoltcp::iface::Config::new(HardwareAddress::Ip);
+        cfg.random_seed = rand::random();
+        let now = self.smol(Instant::now());
+        let mut iface = Interface::new(cfg, &mut dev, now);
+        iface.set_any_ip(true);
+        self.peers.insert(
+            lease.id,
+            Peer {
+                lease: lease.clone(),
+                iface,
+                sockets: SocketSet::new(Vec::new()),
+                dev,
+                tcp: HashSet::new(),
+                dgram: HashSet::new(),
+                pending_connects: 0,
+                udp_flows: 0,
+                ping_flows: 0,
+                dns_pending: 0,
+                buffer_bytes: 0,
+                dirty: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving a lease and drops all its flows (TCP peers get RST).
+    pub fn remove_lease(&mut self, id: LeaseId) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        for fid in peer.tcp.iter().chain(peer.dgram.iter()) {
+            self.forget_flow(*fid, true);
+        }
+        self.dns_pending.retain(|_, p| p.lease != id);
+    }
+
+    /// The leases known now.
+    pub fn leases(&self) -> impl Iterator<Item = LeaseId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Turns forwarding on or off. Off: new flows are refused with ICMP unreachable
+    /// and every existing flow is closed (TCP with RST).
+    pub fn set_egress_available(&mut self, available: bool) {
+        self.egress_available = available;
+        if available {
+            return;
+        }
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in ids {
+            self.close_flow_abortively(id);
+        }
+        let pending: Vec<u16> = self.dns_pending.keys().copied().collect();
+        for id in pending {
+            self.drop_dns_pending(id);
+        }
+    }
+
+    /// Whether forwarding is on.
+    pub fn egress_available(&self) -> bool {
+        self.egress_available
+    }
+
+    /// The epoll descriptor: readable when OS sockets have events; put it in an
+    /// outer event loop and call [`poll`](Self::poll) when it fires.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+
+    /// Blocks until an OS socket has an event or `timeout` passes. The events are
+    /// handled by the next [`poll`](Self::poll).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<(), NetstackError> {
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {
+                self.events_pending = true;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters.clone();
+        for p in self.peers.values() {
+            c.tcp_flows += p.tcp.len() as u64;
+            c.pending_connects += p.pending_connects as u64;
+            c.udp_flows += p.udp_flows as u64;
+            c.ping_flows += p.ping_flows as u64;
+        }
+        c
+    }
+
+    /// What one lease uses now.
+    pub fn lease_stats(&self, id: LeaseId) -> Option<LeaseStats> {
+        let p = self.peers.get(&id)?;
+        Some(LeaseStats {
+            tcp_flows: p.tcp.len(),
+            pending_connects: p.pending_connects,
+            udp_flows: p.udp_flows,
+            ping_flows: p.ping_flows,
+            dns_pending: p.dns_pending,
+            buffer_bytes: p.buffer_bytes,
+            inbound_queue_bytes: p.dev.rx.bytes(),
+            outbound_queue_bytes: p.dev.tx.bytes(),
+        })
+    }
+
+    /// Leases with packets waiting to be drained.
+    pub fn leases_with_output(&self) -> impl Iterator<Item = LeaseId> + '_ {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.dev.tx.is_empty())
+            .map(|(id, _)| *id)
+    }
+
+    /// Moves packets for the client of `lease` into `batch` (appending), up to
+    /// `max_bytes` (at least one packet when any waits). Returns how many.
+    pub fn drain_outbound(
+        &mut self,
+        lease: LeaseId,
+        batch: &mut PacketBatch,
+        max_bytes: usize,
+    ) -> usize {
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some(len) = peer.dev.tx.front_len() {
+            if n > 0 && batch.bytes().saturating_add(len) > max_bytes {
+                break;
+            }
+            let Some(buf) = peer.dev.tx.pop() else { break };
+            batch.push(&buf);
+            peer.dev.tx_pool.give(buf);
+            n += 1;
+        }
+        if n > 0 {
+            // Room in the queue: smoltcp and blocked datagram readers may go on.
+            peer.dirty = true;
+            self.counters.packets_out += n as u64;
+        }
+        n
+    }
+
+    /// Hands the netstack packets the client of `lease` sent (already validated by
+    /// the worker; bounded again here). Call [`poll`](Self::poll) afterwards.
+    pub fn push_packets<'a>(&mut self, lease: LeaseId, packets: impl Iterator<Item = &'a [u8]>) {
+        let now = Instant::now();
+        for pkt in packets {
+            self.push_one(lease, pkt, now);
+        }
+    }
+
+    fn push_one(&mut self, lease: LeaseId, pkt: &[u8], now: Instant) {
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            self.counters.drop(DropReason::UnknownLease);
+            return;
+        };
+        let parsed = match packet::parse(pkt) {
+            Ok(p) => p,
+            Err(reason) => {
+                self.counters.drop(reason);
+                return;
+            }
+        };
+        if !peer.owns_source(parsed.src) {
+            self.counters.drop(DropReason::WrongSource);
+            return;
+        }
+        self.counters.packets_in += 1;
+        let mtu = peer.lease.mtu;
+        if pkt.len() > usize::from(mtu) {
+            self.counters.drop(DropReason::TooBig);
+            peer.icmp_error(&mut self.counters, pkt, IcmpError::TooBig(mtu));
+            return;
+        }
+        match parsed.transport.clone() {
+            Transport::Tcp { syn, ack, rst, .. } => {
+                self.tcp_packet(lease, pkt, &parsed, syn && !ack && !rst, now)
+            }
+            Transport::Udp {
+                src_port,
+                dst_port,
+                payload,
+            } => {
+                let client = SocketAddr::new(parsed.src, src_port);
+                let remote = SocketAddr::new(parsed.dst, dst_port);
+                let data = pkt.get(payload).unwrap_or(&[]);
+                if peer.is_dns(parsed.dst, dst_port) {
+                    self.dns_query(lease, client, remote, data, now);
+                } else {
+                    self.udp_packet(lease, pkt, client, remote, data, now);
+                }
+            }
+            Transport::EchoRequest { ident, seq, data } => {
+                let data = pkt.get(data).unwrap_or(&[]);
+                self.echo_request(lease, pkt, &parsed, ident, seq, data, now);
+            }
+            Transport::OtherIcmp => self.counters.drop(DropReason::Unsupported),
+        }
+    }
+
+    fn alloc_flow_id(&mut self) -> FlowId {
+        let id = self.next_flow;
+        self.next_flow = self.next_flow.wrapping_add(1).max(1);
+        id
+    }
+
+    fn refuse_new_flow(&mut self, lease: LeaseId, pkt: &[u8], reason: DropReason) -> bool {
+        let total_full = self.flows.len() >= self.config.caps.max_total_flows;
+        let (refuse, reason) = if !self.egress_available {
+            (true, DropReason::EgressUnavailable)
+        } else if total_full {
+            (true, DropReason::TotalFlowCap)
+        } else {
+            (false, reason)
+        };
+        if refuse {
+            self.counters.drop(reason);
+            if reason == DropReason::EgressUnavailable
+                && let Some(peer) = self.peers.get_mut(&lease)
+            {
+                peer.icmp_error(&mut self.counters, pkt, IcmpError::NetUnreachable);
+            }
+        }
+        refuse
+    }
+
+    // ---------------------------------------------------------------- TCP
+
+    fn tcp_packet(&mut self, lease: LeaseId, pkt: &[u8], p: &Parsed, syn: bool, now: Instant) {
+        let key = TcpKey {
+            lease,
+            client: SocketAddr::new(p.src, p.src_port()),
+            remote: SocketAddr::new(p.dst, p.dst_port()),
+        };
+        if let Some(&id) = self.tcp_index.get(&key) {
+            let connecting = matches!(
+                self.flows.get(&id),
+                Some(Flow::Tcp(TcpFlow {
+                    state: TcpState::Connecting { .. },
+                    ..
+                }))
+            );
+            // A retransmitted SYN while the OS connect runs: the held one answers it.
+            if !connecting && let Some(peer) = self.peers.get_mut(&lease) {
+                peer.to_smoltcp(&mut self.counters, pkt);
+            }
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        if !syn {
+            // No flow: smoltcp answers with RST (it has no socket for it).
+            peer.to_smoltcp(&mut self.counters, pkt);
+            return;
+        }
+        if self.refuse_new_flow(lease, pkt, DropReason::TcpFlowCap) {
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        let caps = &self.config.caps;
+        if peer.tcp.len() >= caps.max_tcp_flows {
+            self.counters.drop(DropReason::TcpFlowCap);
+            return;
+        }
+        if peer.pending_connects >= caps.max_pending_connects {
+            self.counters.drop(DropReason::PendingConnectCap);
+            return;
+        }
+        if !packet::tcp_checksum_ok(pkt, p.src, p.dst) {
+            self.counters.drop(DropReason::Malformed);
+            return;
+        }
+        // TCP DNS to the lease's DNS address goes to the first upstream.
+        let target = match self.upstreams.first() {
+            Some(up) if peer.is_dns(p.dst, key.remote.port()) => up.addr,
+            _ => key.remote,
+        };
+        let mut stream = match egress::tcp_connect(target, &self.config.egress) {
+            Ok(s) => s,
+            Err(e) => {
+                self.connect_failed(lease, pkt, &e);
+                return;
+            }
+        };
+        let id = self.alloc_flow_id();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(id as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %e, "cannot register a TCP socket");
+            self.counters.drop(DropReason::SendFailed);
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        peer.pending_connects += 1;
+        peer.tcp.insert(id);
+        self.tcp_index.insert(key, id);
+        self.flows.insert(
+            id,
+            Flow::Tcp(TcpFlow {
+                key,
+                stream,
+                state: TcpState::Connecting {
+                    syn: pkt.to_vec(),
+                    deadline: now + self.config.timeouts.tcp_connect,
+                },
+                readable: false,
+                writable: false,
+                os_eof: false,
+                os_shut_wr: false,
+                established: false,
+                last_active: now,
+            }),
+        );
+        self.schedule_sweep(now);
+    }
+
+    fn connect_failed(&mut self, lease: LeaseId, syn: &[u8], err: &io::Error) {
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        match failure_reply(err) {
+            None => {
+                self.counters.tcp_refused += 1;
+                // No listener exists for it: smoltcp answers the SYN with RST.
+                peer.to_smoltcp(&mut self.counters, syn);
+            }
+            Some(kind) => {
+                self.counters.tcp_unreachable += 1;
+                peer.icmp_error(&mut self.counters, syn, kind);
+            }
+        }
+    }
+
+    /// The OS connect of flow `id` finished (or an event arrived while connecting).
+    fn tcp_connect_event(&mut self, id: FlowId, now: Instant) {
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let result = match flow.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match flow.stream.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => Err(e),
+            },
+        };
+        let TcpState::Connecting { syn, .. } = &mut flow.state else {
+            return;
+        };
+        let syn = std::mem::take(syn);
+        let lease = flow.key.lease;
+        match result {
+            Err(e) => {
+                self.forget_flow(id, false);
+                self.connect_failed(lease, &syn, &e);
+            }
+            Ok(()) => self.tcp_open(id, syn, now),
+        }
+    }
+
+    fn tcp_open(&mut self, id: FlowId, syn: Vec<u8>, now: Instant) {
+        let smol_now = self.smol(now);
+        let bufsize = self.config.tcp_buffer_size;
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let lease = flow.key.lease;
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        let need = bufsize.saturating_mul(2);
+        if peer.buffer_bytes.saturating_add(need) > self.config.caps.max_buffer_bytes {
+            self.counters.drop(DropReason::BufferCap);
+            peer.to_smoltcp(&mut self.counters, &syn); // no listener: RST
+            self.forget_flow(id, true);
+            return;
+        }
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; bufsize]),
+            tcp::SocketBuffer::new(vec![0; bufsize]),
+        );
+        let local = IpListenEndpoint {
+            addr: Some(flow.key.remote.ip().into()),
+            port: flow.key.remote.port(),
+        };
+        if sock.listen(local).is_err() {
+            self.counters.drop(DropReason::Malformed);
+            self.forget_flow(id, true);
+            return;
+        }
+        sock.set_nagle_enabled(false);
+        let handle = peer.sockets.add(sock);
+        peer.buffer_bytes += need;
+        peer.pending_connects = peer.pending_connects.saturating_sub(1);
+        flow.state = TcpState::Open {
+            handle,
+            opened: now,
+        };
+        flow.last_active = now;
+        self.counters.tcp_connected += 1;
+        // The SYN goes in and is processed at once, before any other listener for the
+        // same destination can exist.
+        peer.to_smoltcp(&mut self.counters, &syn);
+        peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
+        peer.dirty = true;
+    }
+
+    /// Drops a flow's state (sockets closed; `abortive`: TCP peer gets RST).
+    fn forget_flow(&mut self, id: FlowId, abortive: bool) {
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
+        let lease = flow.lease();
+        let peer = self.peers.get_mut(&lease);
+        match flow {
+            Flow::Tcp(mut f) => {
+                self.tcp_index.remove(&f.key);
+                let _ = self.poll.registry().deregister(&mut f.stream);
+                if abortive {
+                    egress::set_abortive(&f.stream);
+                }
+                if let Some(peer) = peer {
+                    peer.tcp.remove(&id);
+                    match f.state {
+                        TcpState::Connecting { .. } => {
+                            peer.pending_connects = peer.pending_connects.saturating_sub(1)
+                        }
+                        TcpState::Open { handle, .. } => {
+                            peer.sockets.remove(handle);
+                            peer.buffer_bytes = peer
+                                .buffer_bytes
+                                .saturating_sub(self.config.tcp_buffer_size.saturating_mul(2));
+                        }
+                    }
+                }
+            }
+            Flow::Udp(mut f) => {
+                self.udp_index.remove(&f.key);
+                let _ = self.poll.registry().deregister(&mut f.sock);
+                if let Some(peer) = peer {
+                    peer.dgram.remove(&id);
+                    peer.udp_flows = peer.udp_flows.saturating_sub(1);
+                }
+            }
+            Flow::Ping(mut f) => {
+                self.ping_index.remove(&f.key);
+                let _ = self.poll.registry().deregister(&mut f.sock);
+                if let Some(peer) = peer {
+                    peer.dgram.remove(&id);
+                    peer.ping_flows = peer.ping_flows.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Closes a flow now: TCP flows are aborted (RST both ways), connecting ones get
+    /// ICMP unreachable, datagram mappings are dropped.
+    fn close_flow_abortively(&mut self, id: FlowId) {
+        match self.flows.get_mut(&id) {
+            Some(Flow::Tcp(flow)) => {
+                let lease = flow.key.lease;
+                match &mut flow.state {
+                    TcpState::Connecting { syn, .. } => {
+                        let syn = std::mem::take(syn);
+                        self.forget_flow(id, true);
+                        if let Some(peer) = self.peers.get_mut(&lease) {
+                            peer.icmp_error(&mut self.counters, &syn, IcmpError::NetUnreachable);
+                        }
+                    }
+                    TcpState::Open { handle, .. } => {
+                        let handle = *handle;
+                        egress::set_abortive(&flow.stream);
+                        let _ = flow.stream.shutdown(Shutdown::Both);
+                        flow.os_eof = true;
+                        flow.os_shut_wr = true;
+                        if let Some(peer) = self.peers.get_mut(&lease) {
+                            peer.sockets.get_mut::<tcp::Socket>(handle).abort();
+                            peer.dirty = true;
+                        }
+                    }
+                }
+            }
+            Some(_) => self.forget_flow(id, false),
+            None => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- UDP
+
+    fn udp_packet(
+        &mut self,
+        lease: LeaseId,
+        pkt: &[u8],
+        client: SocketAddr,
+        remote: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        let key = UdpKey { lease, client };
+        let id = match self.udp_index.get(&key) {
+            Some(&id) => id,
+            None => {
+                if self.refuse_new_flow(lease, pkt, DropReason::UdpMappingCap) {
+                    return;
+                }
+                let Some(peer) = self.peers.get(&lease) else {
+                    return;
+                };
+                if peer.udp_flows >= self.config.caps.max_udp_mappings {
+                    self.counters.drop(DropReason::UdpMappingCap);
+                    return;
+                }
+                let mut sock =
+                    match egress::udp_bind(Kind::Udp, client.is_ipv6(), &self.config.egress) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.counters.drop(DropReason::SendFailed);
+                            self.datagram_error(lease, pkt, &e);
+                            return;
+                        }
+                    };
+                let id = self.alloc_flow_id();
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut sock, Token(id as usize), Interest::READABLE)
+                    .is_err()
+                {
+                    self.counters.drop(DropReason::SendFailed);
+                    return;
+                }
+                let Some(peer) = self.peers.get_mut(&lease) else {
+                    return;
+                };
+                peer.udp_flows += 1;
+                peer.dgram.insert(id);
+                self.udp_index.insert(key, id);
+                self.flows.insert(
+                    id,
+                    Flow::Udp(UdpFlow {
+                        key,
+                        sock,
+                        readable: false,
+                        last_active: now,
+                    }),
+                );
+                self.schedule_sweep(now);
+                id
+            }
+        };
+        let Some(Flow::Udp(flow)) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.last_active = now;
+        match flow.sock.send_to(data, remote) {
+            Ok(_) => {}
+            Err(e) if is_would_block(&e) => self.counters.drop(DropReason::SendFailed),
+            Err(e) => {
+                self.counters.drop(DropReason::SendFailed);
+                self.datagram_error(lease, pkt, &e);
+            }
+        }
+    }
+
+    /// An OS send of a client datagram failed: tell the client when it is final.
+    fn datagram_error(&mut self, lease: LeaseId, pkt: &[u8], err: &io::Error) {
+        let kind = match err.raw_os_error() {
+            Some(libc::ENETUNREACH) => IcmpError::NetUnreachable,
+            Some(libc::EHOSTUNREACH) => IcmpError::HostUnreachable,
+            Some(libc::EACCES) | Some(libc::EPERM) => IcmpError::AdminProhibited,
+            Some(libc::EMSGSIZE) => match self.peers.get(&lease) {
+                Some(p) => IcmpError::TooBig(p.lease.mtu),
+                None => return,
+            },
+            _ => return,
+        };
+        if let Some(peer) = self.peers.get_mut(&lease) {
+            peer.icmp_error(&mut self.counters, pkt, kind);
+        }
+    }
+
+    /// Reads datagrams of a UDP or ping mapping into the client's queue, as long as
+    /// the queue has room (backpressure: otherwise the flow stays readable).
+    fn dgram_read(&mut self, id: FlowId, now: Instant) {
+        enum Target {
+            Udp(SocketAddr),
+            Ping(IpAddr, u16),
+        }
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let (sock, readable, last_active, lease, target) = match flow {
+            Flow::Udp(f) => (
+                &f.sock,
+                &mut f.readable,
+                &mut f.last_active,
+                f.key.lease,
+                Target::Udp(f.key.client),
+            ),
+            Flow::Ping(f) => (
+                &f.sock,
+                &mut f.readable,
+                &mut f.last_active,
+                f.key.lease,
+                Target::Ping(f.key.client, f.key.ident),
+            ),
+            Flow::Tcp(_) => return,
+        };
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        let mtu = usize::from(peer.lease.mtu);
+        for _ in 0..DGRAM_BUDGET {
+            if !*readable || !peer.dev.tx.has_room(mtu) {
+                return;
+            }
+            let (n, from) = match sock.recv_from(&mut self.scratch) {
+                Ok(r) => r,
+                Err(e) if is_would_block(&e) => {
+                    *readable = false;
+                    return;
+                }
+                // A queued socket error (an ICMP error for an earlier datagram): it is
+                // consumed by this read; go on reading.
+                Err(_) => continue,
+            };
+            *last_active = now;
+            let data = self.scratch.get(..n).unwrap_or(&[]);
+            match target {
+                Target::Udp(client) => {
+                    if n + packet::udp_overhead(from.is_ipv6()) > mtu {
+                        self.counters.drop(DropReason::ReturnTooBig);
+                        continue;
+                    }
+                    peer.emit(&mut self.counters, |b| {
+                        packet::build_udp(b, from, client, data)
+                    });
+                }
+                Target::Ping(client, ident) => {
+                    let reply = if client.is_ipv6() {
+                        Icmpv6Packet::new_checked(data).ok().and_then(|p| {
+                            (p.msg_type() == Icmpv6Message::EchoReply).then(|| p.echo_seq_no())
+                        })
+                    } else {
+                        Icmpv4Packet::new_checked(data).ok().and_then(|p| {
+                            (p.msg_type() == Icmpv4Message::EchoReply).then(|| p.echo_seq_no())
+                        })
+                    };
+                    let body = data.get(packet::ICMP_ECHO_HEADER_LEN..).unwrap_or(&[]);
+                    if let Some(seq) = reply
+                        && n + packet::udp_overhead(client.is_ipv6()) <= mtu
+                    {
+                        peer.emit(&mut self.counters, |b| {
+                            packet::build_echo_reply(b, from.ip(), client, ident, seq, body)
+                        });
+                    }
+                }
+            }
+        }
+        // Budget spent with data left: come back at once.
+        self.more_work = true;
+    }
+
+    // ---------------------------------------------------------------- ICMP echo
+
+    #[allow(clippy::too_many_arguments)]
+    fn echo_request(
+        &mut self,
+        lease: LeaseId,
+        pkt: &[u8],
+        p: &Parsed,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+        now: Instant,
+    ) {
+        if self.ping_unavailable {
+            self.counters.drop(DropReason::PingUnavailable);
+            return;
+        }
+        let key = PingKey {
+            lease,
+            client: p.src,
+            ident,
+        };
+        let id = match self.ping_index.get(&key) {
+            Some(&id) => id,
+            None => {
+                if self.refuse_new_flow(lease, pkt, DropReason::PingMappingCap) {
+                    return;
+                }
+                let Some(peer) = self.peers.get(&lease) else {
+                    return;
+                };
+                if peer.ping_flows >= self.config.caps.max_ping_mappings {
+                    self.counters.drop(DropReason::PingMappingCap);
+                    return;
+                }
+                let mut sock =
+                    match egress::udp_bind(Kind::Ping, p.src.is_ipv6(), &self.config.egress) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EACCES | libc::EPERM | libc::EPROTONOSUPPORT)
+                            ) {
+                                // net.ipv4.ping_group_range excludes us: remember it.
+                                tracing::info!("unprivileged ICMP echo sockets are not allowed");
+                                self.ping_unavailable = true;
+                            }
+                            self.counters.drop(DropReason::PingUnavailable);
+                            return;
+                        }
+                    };
+                let id = self.alloc_flow_id();
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut sock, Token(id as usize), Interest::READABLE)
+                    .is_err()
+                {
+                    self.counters.drop(DropReason::SendFailed);
+                    return;
+                }
+                let Some(peer) = self.peers.get_mut(&lease) else {
+                    return;
+                };
+                peer.ping_flows += 1;
+                peer.dgram.insert(id);
+                self.ping_index.insert(key, id);
+                self.flows.insert(
+                    id,
+                    Flow::Ping(PingFlow {
+                        key,
+                        sock,
+                        readable: false,
+                        last_active: now,
+                    }),
+                );
+                self.schedule_sweep(now);
+                id
+            }
+        };
+        let Some(Flow::Ping(flow)) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.last_active = now;
+        // The kernel fills in the identifier (the socket's "port") and the checksum.
+        let mut msg = Vec::with_capacity(8 + data.len());
+        msg.extend_from_slice(&[if p.src.is_ipv6() { 128 } else { 8 }, 0, 0, 0]);
+        msg.extend_from_slice(&ident.to_be_bytes());
+        msg.extend_from_slice(&seq.to_be_bytes());
+        msg.extend_from_slice(data);
+        if let Err(e) = flow.sock.send_to(&msg, SocketAddr::new(p.dst, 0)) {
+            self.counters.drop(DropReason::SendFailed);
+            if !is_would_block(&e) {
+                self.datagram_error(lease, pkt, &e);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- DNS
+
+    fn dns_query(
+        &mut self,
+        lease: LeaseId,
+        client: SocketAddr,
+        server: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        self.counters.dns_queries += 1;
+        let query = match dns::parse_query(data) {
+            Ok(q) => q,
+            Err(_) => {
+                self.counters.drop(DropReason::DnsMalformed);
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        let mtu = usize::from(peer.lease.mtu);
+        if let Some(key) = &query.key
+            && let Some(mut answer) = self.cache.answer(key, data, now)
+        {
+            if answer.len() + packet::udp_overhead(client.is_ipv6()) > mtu {
+                answer = match dns::error_reply(data, simple_dns::RCODE::NoError, true) {
+                    Some(a) => a,
+                    None => return,
+                };
+            }
+            self.counters.dns_cache_hits += 1;
+            peer.emit(&mut self.counters, |b| {
+                packet::build_udp(b, server, client, &answer)
+            });
+            return;
+        }
+        let unavailable = !self.egress_available
+            || self.upstreams.is_empty()
+            || peer.dns_pending >= self.config.caps.max_dns_pending
+            || self.dns_pending.len() >= MAX_DNS_PENDING_TOTAL;
+        if unavailable {
+            self.counters.drop(DropReason::DnsUnavailable);
+            if let Some(reply) = dns::error_reply(data, simple_dns::RCODE::ServerFailure, false) {
+                peer.emit(&mut self.counters, |b| {
+                    packet::build_udp(b, server, client, &reply)
+                });
+            }
+            return;
+        }
+        let Some(upstream_idx) = self.upstream_socket() else {
+            self.counters.drop(DropReason::DnsUnavailable);
+            return;
+        };
+        let mut upstream_id = rand::random::<u16>();
+        let mut tries = 0;
+        while self.dns_pending.contains_key(&upstream_id) && tries < 16 {
+            upstream_id = rand::random();
+            tries += 1;
+        }
+        if self.dns_pending.contains_key(&upstream_id) {
+            self.counters.drop(DropReason::DnsUnavailable);
+            return;
+        }
+        let mut forwarded = data.to_vec();
+        dns::set_id(&mut forwarded, upstream_id);
+        let Some(up) = self.upstreams.get(upstream_idx) else {
+            return;
+        };
+        let Some(sock) = &up.sock else { return };
+        match sock.send_to(&forwarded, up.addr) {
+            Ok(_) => {}
+            Err(_) => {
+                self.counters.drop(DropReason::SendFailed);
+                return;
+            }
+        }
+        self.counters.dns_upstream_queries += 1;
+        if let Some(peer) = self.peers.get_mut(&lease) {
+            peer.dns_pending += 1;
+        }
+        self.dns_pending.insert(
+            upstream_id,
+            PendingDns {
+                lease,
+                client,
+                server,
+                client_id: query.id,
+                key: query.key,
+                query: data.to_vec(),
+                upstream: upstream_idx,
+                deadline: now + self.config.timeouts.dns_query,
+            },
+        );
+        self.schedule_sweep(now);
+    }
+
+    /// The preferred upstream, its socket created (and registered) if need be.
+    fn upstream_socket(&mut self) -> Option<usize> {
+        let idx = self.preferred_upstream % self.upstreams.len().max(1);
+        let up = self.upstreams.get_mut(idx)?;
+        if up.sock.is_none() {
+            let mut sock =
+                egress::udp_bind(Kind::Udp, up.addr.is_ipv6(), &self.config.egress).ok()?;
+            self.poll
+                .registry()
+                .register(&mut sock, Token(DNS_TOKEN_BASE + idx), Interest::READABLE)
+                .ok()?;
+            up.sock = Some(sock);
+        }
+        Some(idx)
+    }
+
+    fn drop_dns_pending(&mut self, id: u16) {
+        if let Some(p) = self.dns_pending.remove(&id)
+            && let Some(peer) = self.peers.get_mut(&p.lease)
+        {
+            peer.dns_pending = peer.dns_pending.saturating_sub(1);
+        }
+    }
+
+    fn dns_read(&mut self, idx: usize, now: Instant) {
+        loop {
+            let Some(up) = self.upstreams.get(idx) else {
+                return;
+            };
+            let Some(sock) = &up.sock else { return };
+            let (n, from) = match sock.recv_from(&mut self.scratch) {
+                Ok(r) => r,
+                Err(e) if is_would_block(&e) => return,
+                Err(_) => continue,
+            };
+            if from != up.addr {
+                continue;
+            }
+            let Some(resp) = self.scratch.get(..n) else {
+                continue;
+            };
+            let Ok(id) = simple_dns::Packet::parse(resp).map(|p| p.id()) else {
+                self.counters.drop(DropReason::DnsMalformed);
+                continue;
+            };
+            let Some(pending) = self.dns_pending.get(&id) else {
+                continue;
+            };
+            if pending.upstream != idx {
+                continue;
+            }
+            let ttl = match dns::check_response(
+                resp,
+                id,
+                pending.key.as_ref(),
+                self.config.timeouts.dns_max_ttl,
+            ) {
+                Ok(ttl) => ttl,
+                Err(_) => {
+                    // Not an answer to this question: ignore it (spoofing attempt or
+                    // stale), the query stays pending.
+                    self.counters.drop(DropReason::DnsMalformed);
+                    continue;
+                }
+            };
+            let mut answer = resp.to_vec();
+            let Some(pending) = self.dns_pending.remove(&id) else {
+                continue;
+            };
+            if let (Some(key), Some(ttl)) = (pending.key.clone(), ttl) {
+                self.cache.insert(key, &answer, ttl, now);
+            }
+            let Some(peer) = self.peers.get_mut(&pending.lease) else {
+                continue;
+            };
+            peer.dns_pending = peer.dns_pending.saturating_sub(1);
+            dns::set_id(&mut answer, pending.client_id);
+            if answer.len() + packet::udp_overhead(pending.client.is_ipv6())
+                > usize::from(peer.lease.mtu)
+            {
+                match dns::error_reply(&pending.query, simple_dns::RCODE::NoError, true) {
+                    Some(a) => answer = a,
+                    None => continue,
+                }
+            }
+            self.counters.dns_upstream_answers += 1;
+            peer.emit(&mut self.counters, |b| {
+                packet::build_udp(b, pending.server, pending.client, &answer)
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- the loop
+
+    fn schedule_sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+    }
+
+    /// Does all pending work: OS socket events, client packets, smoltcp timers, flow
+    /// timeouts. Returns when it next needs to run (`None`: only on new input).
+    pub fn poll(&mut self, now: Instant) -> Option<Instant> {
+        if self.events_pending {
+            self.events_pending = false;
+            self.collect_events();
+            self.handle_ready(now);
+        }
+        if self
+            .poll
+            .poll(&mut self.events, Some(Duration::ZERO))
+            .is_ok()
+        {
+            self.collect_events();
+            self.handle_ready(now);
+        }
+        let smol_now = self.smol(now);
+        self.more_work = false;
+        let mut due = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
+            if p.dirty
+                || !p.dev.rx.is_empty()
+                || p.iface
+                    .poll_at(smol_now, &p.sockets)
+                    .is_some_and(|t| t <= smol_now)
+            {
+                due.push(*id);
+            }
+        }
+        for lease in due {
+            self.service_peer(lease, now);
+        }
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.next_sweep = None;
+            self.sweep(now);
+            if !self.flows.is_empty() || !self.dns_pending.is_empty() {
+                self.next_sweep = Some(now + SWEEP_INTERVAL);
+            }
+        }
+        let mut next = if self.more_work {
+            Some(now)
+        } else {
+            self.next_sweep
+        };
+        for p in self.peers.values_mut() {
+            p.dirty = false;
+            if !p.dev.tx.has_room(p.dev.mtu) {
+                // smoltcp waits for the caller to drain (which marks the peer dirty
+                // again): no timer for that, or the caller would spin.
+                continue;
+            }
+            if let Some(t) = p.iface.poll_at(smol_now, &p.sockets) {
+                let t = std_time(self.epoch, t).max(now);
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        }
+        next
+    }
+
+    fn collect_events(&mut self) {
+        self.ready.clear();
+        for ev in self.events.iter() {
+            self.ready.push((
+                ev.token(),
+                ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                ev.is_writable() || ev.is_write_closed() || ev.is_error(),
+            ));
+        }
+    }
+
+    fn handle_ready(&mut self, now: Instant) {
+        let ready = std::mem::take(&mut self.ready);
+        for &(token, readable, writable) in &ready {
+            if token.0 >= DNS_TOKEN_BASE {
+                self.dns_read(token.0 - DNS_TOKEN_BASE, now);
+                continue;
+            }
+            let id = token.0 as FlowId;
+            let lease = match self.flows.get_mut(&id) {
+                Some(Flow::Tcp(f)) => {
+                    if matches!(f.state, TcpState::Connecting { .. }) {
+                        self.tcp_connect_event(id, now);
+                        continue;
+                    }
+                    f.readable |= readable;
+                    f.writable |= writable;
+                    f.key.lease
+                }
+                Some(Flow::Udp(f)) => {
+                    f.readable |= readable;
+                    f.key.lease
+                }
+                Some(Flow::Ping(f)) => {
+                    f.readable |= readable;
+                    f.key.lease
+                }
+                None => continue,
+            };
+            if let Some(peer) = self.peers.get_mut(&lease) {
+                peer.dirty = true;
+            }
+        }
+        self.ready = ready;
+    }
+
+    /// Relays one lease's TCP flows and datagram mappings and runs its smoltcp
+    /// interface.
+    fn service_peer(&mut self, lease: LeaseId, now: Instant) {
+        let smol_now = self.smol(now);
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        let dgram: Vec<FlowId> = peer.dgram.iter().copied().collect();
+        for id in dgram {
+            self.dgram_read(id, now);
+        }
+        let Some(peer) = self.peers.get_mut(&lease) else {
+            return;
+        };
+        peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
+        let tcp_ids: Vec<FlowId> = peer.tcp.iter().copied().collect();
+        for _ in 0..RELAY_ROUNDS {
+            let mut moved = false;
+            for &id in &tcp_ids {
+                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
+                    moved |= relay(flow, &mut peer.sockets, now);
+                }
+            }
+            peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
+            if !moved {
+                break;
+            }
+        }
+        let mut finished = Vec::new();
+        for &id in &tcp_ids {
+            if let Some(Flow::Tcp(flow)) = self.flows.get(&id)
+                && let Some(abortive) = finished_state(flow, &peer.sockets, now)
+            {
+                finished.push((id, abortive));
+            }
+        }
+        for (id, abortive) in finished {
+            self.forget_flow(id, abortive);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let t = &self.config.timeouts;
+        let mut expired = Vec::new();
+        for (&id, flow) in &self.flows {
+            let done = match flow {
+                Flow::Tcp(f) => match &f.state {
+                    TcpState::Connecting { deadline, .. } => *deadline <= now,
+                    TcpState::Open { .. } => now.duration_since(f.last_active) >= t.tcp_idle,
+                },
+                Flow::Udp(f) => now.duration_since(f.last_active) >= t.udp_idle,
+                Flow::Ping(f) => now.duration_since(f.last_active) >= t.ping_idle,
+            };
+            if done {
+                expired.push(id);
+            }
+        }
+        for id in expired {
+            let connecting = matches!(
+                self.flows.get(&id),
+                Some(Flow::Tcp(TcpFlow {
+                    state: TcpState::Connecting { .. },
+                    ..
+                }))
+            );
+            if connecting {
+                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id)
+                    && let TcpState::Connecting { syn, .. } = &mut flow.state
+                {
+                    let syn = std::mem::take(syn);
+                    let lease = flow.key.lease;
+                    self.forget_flow(id, true);
+                    self.counters.tcp_unreachable += 1;
+                    if let Some(peer) = self.peers.get_mut(&lease) {
+                        peer.icmp_error(&mut self.counters, &syn, IcmpError::HostUnreachable);
+                    }
+                }
+            } else {
+                self.counters.idle_timeouts += 1;
+                self.close_flow_abortively(id);
+            }
+        }
+        let late: Vec<u16> = self
+            .dns_pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if !late.is_empty() && !self.upstreams.is_empty() {
+            // The preferred upstream did not answer: try the next one next time.
+            self.preferred_upstream = (self.preferred_upstream + 1) % self.upstreams.len();
+        }
+        for id in late {
+            self.drop_dns_pending(id);
+        }
+        self.cache.expire(now);
+    }
+}
+
+fn std_time(epoch: Instant, t: SmolInstant) -> Instant {
+    epoch + Duration::from_micros(u64::try_from(t.total_micros()).unwrap_or(0))
+}
+
+/// Moves data both ways between a flow's OS socket and its smoltcp socket, as far as
+/// each side's buffers allow. Returns whether anything moved.
+fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>, now: Instant) -> bool {
+    let TcpState::Open { handle, .. } = flow.state else {
+        return false;
+    };
+    let sock = sockets.get_mut::<tcp::Socket>(handle);
+    let mut moved = false;
+    if !flow.established {
+        use tcp::State::*;
+        if matches!(
+            sock.state(),
+            Established | FinWait1 | FinWait2 | CloseWait | Closing | LastAck | TimeWait
+        ) {
+            if sock
+                .remote_endpoint()
+                .map(|e| SocketAddr::new(e.addr.into(), e.port))
+                != Some(flow.key.client)
+            {
+                // Another flow's SYN reached this listener: refuse rather than mix.
+                sock.abort();
+                return true;
+            }
+            flow.established = true;
+        } else {
+            return false;
+        }
+    }
+    // Client → OS, as fast as the OS socket takes it.
+    while flow.writable && sock.can_recv() {
+        let stream = &flow.stream;
+        let r = sock.recv(|buf| match (&*stream).write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(_)) => moved = true,
+            Ok(Err(e)) if is_would_block(&e) => flow.writable = false,
+            Ok(Err(_)) => {
+                sock.abort();
+                flow.os_eof = true;
+                return true;
+            }
+        }
+    }
+    // Client's FIN, once its data is out: half-close the OS side.
+    if !flow.os_shut_wr && !sock.may_recv() && sock.recv_queue() == 0 {
+        let _ = flow.stream.shutdown(Shutdown::Write);
+        flow.os_shut_wr = true;
+        moved = true;
+    }
+    // OS → client, only as far as the smoltcp send buffer has room.
+    while flow.readable
+        && !flow.os_eof
+        && sock.may_send()
+        && sock.send_queue() < sock.send_capacity()
+    {
+        let stream = &flow.stream;
+        let r = sock.send(|buf| {
+            if buf.is_empty() {
+                return (0, Ok(None));
+            }
+            match (&*stream).read(buf) {
+                Ok(n) => (n, Ok(Some(n))),
+                Err(e) => (0, Err(e)),
+            }
+        });
+        match r {
+            Ok(Ok(Some(0))) => {
+                flow.os_eof = true;
+                sock.close();
+                moved = true;
+            }
+            Ok(Ok(Some(_))) => moved = true,
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(e)) if is_would_block(&e) => flow.readable = false,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => {
+                // Reset by the server: reset the client.
+                sock.abort();
+                flow.os_eof = true;
+                flow.os_shut_wr = true;
+                return true;
+            }
+        }
+    }
+    if moved {
+        flow.last_active = now;
+    }
+    moved
+}
+
+/// Whether a flow is over: `Some(abortive)` when it can be forgotten.
+fn finished_state(flow: &TcpFlow, sockets: &SocketSet<'static>, now: Instant) -> Option<bool> {
+    let TcpState::Open { handle, opened } = flow.state else {
+        return None;
+    };
+    let sock = sockets.get::<tcp::Socket>(handle);
+    match sock.state() {
+        // Aborted, reset by the client, or closed after LAST-ACK.
+        tcp::State::Closed => Some(!(flow.os_eof && flow.os_shut_wr)),
+        tcp::State::TimeWait if sock.recv_queue() == 0 => Some(false),
+        tcp::State::Listen if now.duration_since(opened) >= LISTEN_GRACE => Some(true),
+        _ => None,
+    }
+}
