@@ -229,6 +229,9 @@ pub struct Confinement {
     pub open_fds: Vec<RawFd>,
     /// Whether the environment was cleared.
     pub env_cleared: bool,
+    /// The capability still held (the helper's CAP_NET_ADMIN, if it had it to begin
+    /// with); `None` for every other role.
+    pub kept_capability: Option<Cap>,
     /// Whether the bounding set could be cleared (needs CAP_SETPCAP; without it the
     /// process holds no capability anyway, and no_new_privs keeps execve from adding any).
     pub bounding_cleared: bool,
@@ -298,7 +301,11 @@ fn caps_err(what: &'static str) -> impl FnOnce(capctl::Error) -> Error {
 }
 
 /// Confines the calling process as `role`. Call once, after start-up, before the first
-/// untrusted byte is read; the process cannot undo any of it.
+/// untrusted byte is read; the process cannot undo any of it (a second call from an
+/// allowlisted role is itself a violation and kills the process).
+///
+/// On error, earlier steps may be applied but the seccomp filter is not: the caller must
+/// exit non-zero, never go on unconfined.
 ///
 /// In order: refuse if threads run and the environment is to be cleared; clear the
 /// environment; close every descriptor but stdio and `keep_fds`; build the empty
@@ -346,7 +353,8 @@ pub fn confine(role: Role, options: &ConfineOptions) -> Result<Confinement, Erro
     let nproc_zero = profile.nproc_zero_allowed && options.threads == Threads::Forbidden;
     set_rlimits(&profile, nproc_zero)?;
     capctl::prctl::set_dumpable(false).map_err(caps_err("PR_SET_DUMPABLE"))?;
-    let (bounding_cleared, securebits_locked) = drop_capabilities(profile.keep_cap)?;
+    let (kept_capability, bounding_cleared, securebits_locked) =
+        drop_capabilities(profile.keep_cap)?;
     capctl::prctl::set_no_new_privs().map_err(caps_err("PR_SET_NO_NEW_PRIVS"))?;
     seccomp::install(&compiled)?;
 
@@ -358,6 +366,7 @@ pub fn confine(role: Role, options: &ConfineOptions) -> Result<Confinement, Erro
         fs_view,
         open_fds,
         env_cleared,
+        kept_capability,
         bounding_cleared,
         securebits_locked,
         threads: options.threads,
@@ -501,8 +510,8 @@ fn lower(resource: Resource, value: u64) -> Result<(), Error> {
 }
 
 /// Clears ambient, inheritable, bounding, permitted and effective sets except `keep`.
-/// Returns (bounding cleared, securebits locked).
-fn drop_capabilities(keep: Option<Cap>) -> Result<(bool, bool), Error> {
+/// Returns (capability kept, bounding cleared, securebits locked).
+fn drop_capabilities(keep: Option<Cap>) -> Result<(Option<Cap>, bool, bool), Error> {
     let current = CapState::get_current().map_err(caps_err("capget"))?;
     let can_setpcap = current.effective.has(Cap::SETPCAP);
 
@@ -536,10 +545,9 @@ fn drop_capabilities(keep: Option<Cap>) -> Result<(bool, bool), Error> {
     }
 
     let mut set = CapSet::empty();
-    if let Some(cap) = keep {
-        if current.permitted.has(cap) {
-            set.add(cap);
-        }
+    let kept = keep.filter(|cap| current.permitted.has(*cap));
+    if let Some(cap) = kept {
+        set.add(cap);
     }
     let state = CapState {
         effective: set,
@@ -547,5 +555,5 @@ fn drop_capabilities(keep: Option<Cap>) -> Result<(bool, bool), Error> {
         inheritable: CapSet::empty(),
     };
     state.set_current().map_err(caps_err("capset"))?;
-    Ok((bounding_cleared, securebits_locked))
+    Ok((kept, bounding_cleared, securebits_locked))
 }

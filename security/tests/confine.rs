@@ -461,6 +461,12 @@ fn status_client_helper() {
         return;
     }
     check_status("client-helper", NET_ADMIN_ONLY, "2");
+    let probe = Probe::spawn("client-helper", "wait", &[]);
+    assert!(
+        probe.report.contains("kept_capability: Some(NET_ADMIN)"),
+        "{}",
+        probe.report
+    );
 }
 
 #[test]
