@@ -1,5 +1,92 @@
 //! `vpnshare`: the command line of VPN Share (design §6).
+//!
+//! Every failure exits non-zero with one line on stderr naming the reason.
 
-fn main() {
-    println!("vpnshare: under construction");
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod demo;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vpnshare",
+    version,
+    about = "Share the VPN that is up on this device with nearby devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start sharing this device's VPN (the gateway), in the foreground.
+    Gateway {
+        /// Address and port to listen on, e.g. 0.0.0.0:7400.
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// `vpn` (default): forward only through a VPN interface; `any`: any route.
+        #[arg(long, default_value = "vpn")]
+        egress: String,
+    },
+    /// Print this device's public key.
+    Id {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Manage trusted devices.
+    Peers {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Answer pairing requests of a running gateway.
+    Pairing {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bring the tunnel up to a gateway given by its vshp:// invite URI.
+    Connect {
+        uri: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Show peers, leases, counters and sandbox state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a self-contained demonstration and print what happened.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo => demo::run(),
+        Command::Gateway { .. }
+        | Command::Id { .. }
+        | Command::Peers { .. }
+        | Command::Pairing { .. } => Err(
+            "this command arrives with the gateway (issue #4); today only `vpnshare demo` runs"
+                .to_string(),
+        ),
+        Command::Connect { .. } | Command::Status { .. } => Err(
+            "this command arrives with the client (issue #5); today only `vpnshare demo` runs"
+                .to_string(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("vpnshare: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
