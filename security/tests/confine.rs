@@ -53,6 +53,19 @@ impl Probe {
         fds: Option<Vec<i32>>,
         env: &[(&str, &str)],
     ) -> Probe {
+        Probe::spawn_setup(role, action, extra, fds, env, false)
+    }
+
+    /// `nobody`: when root, the child drops to uid/gid 65534 before exec (the
+    /// unprivileged case of production: the broker, and so its workers, run unprivileged).
+    fn spawn_setup(
+        role: &str,
+        action: &str,
+        extra: &[&str],
+        fds: Option<Vec<i32>>,
+        env: &[(&str, &str)],
+        nobody: bool,
+    ) -> Probe {
         let mut cmd = Command::new(PROBE);
         cmd.arg(role)
             .arg(action)
@@ -62,6 +75,9 @@ impl Probe {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if nobody && is_root() {
+            cmd.uid(65534).gid(65534);
         }
         if let Some(fds) = fds {
             // SAFETY: the closure only calls dup2, which is async-signal-safe, on
@@ -486,6 +502,58 @@ fn parser_worker_limits_are_set() {
         "{limits}"
     );
     probe.go().assert_success("worker wait");
+}
+
+#[test]
+fn unprivileged_parser_worker_is_fully_confined() {
+    // As root, the child runs as nobody (65534): no capability to start with, so the
+    // empty root must come from an unprivileged user namespace, and the bounding set
+    // stays as it was (no CAP_SETPCAP) while no_new_privs keeps exec from using it.
+    let (mut parent, child_end) = UnixStream::pair().unwrap();
+    let mut probe = Probe::spawn_setup(
+        "parser-worker",
+        "work",
+        &["--keep", "3"],
+        Some(vec![child_end.as_raw_fd()]),
+        &[],
+        true,
+    );
+    drop(child_end);
+    if is_root() {
+        let uid_line = probe.status_field("Uid");
+        assert!(uid_line.starts_with("65534"), "{uid_line}");
+    }
+    assert_eq!(probe.status_field("Seccomp"), "2");
+    assert_eq!(probe.status_field("NoNewPrivs"), "1");
+    assert_eq!(probe.status_field("CapEff"), NO_CAPS);
+    assert_eq!(probe.status_field("CapPrm"), NO_CAPS);
+    if user_namespaces_available() {
+        assert!(
+            probe.report.contains("fs_view: EmptyTmpfsInUserNamespace"),
+            "{}",
+            probe.report
+        );
+        assert_root_empty(&probe);
+    } else {
+        eprintln!("NOTE: user namespaces disabled: fs view part not checked");
+    }
+    parent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    probe
+        .child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"go\n")
+        .unwrap();
+    for msg in [b"ping1", b"ping2"] {
+        parent.write_all(msg).unwrap();
+        let mut reply = [0u8; 10];
+        parent.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[5..], msg);
+    }
+    probe.finish().assert_success("unprivileged worker work");
 }
 
 // --- environment, descriptors, filesystem view -------------------------------------------
