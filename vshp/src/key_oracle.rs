@@ -10,9 +10,9 @@
 //! `CryptoResolver`: [`OracleResolver`] returns an oracle-backed [`snow::types::Dh`] for
 //! the first `resolve_dh` call and ordinary local X25519 afterwards. That relies on
 //! snow 0.10's `Builder::build` resolving the static DH first and the ephemeral second
-//! (`builder.rs`, `s_dh` then `e_dh`). [`OracleResolver::verify_installed`] checks after
-//! the build that the oracle really became the static key (it is the only `Dh` that
-//! received `set()`), so a snow release that swapped the order fails loudly instead of
+//! (`builder.rs`, `s_dh` then `e_dh`). [`OracleHandle::verify_installed`] checks after
+//! the build that the oracle really became the static key (its `set()` received the
+//! dummy static key), so a snow release that swapped the order fails loudly instead of
 //! running with a dummy static key; the handshake tests also count oracle calls.
 //!
 //! [`HandshakeDhGuard`] is the broker-side policy helper: it lets the oracle answer only
@@ -177,7 +177,7 @@ fn is_zero(b: &[u8]) -> bool {
 /// Shared between the resolver and the `Dh` it hands to snow.
 #[derive(Debug, Default)]
 struct OracleSlot {
-    /// Set when snow installed the oracle `Dh` as the static key (`set()` was called).
+    /// Set when snow installed the oracle `Dh` as the static key (`set(dummy)` was called).
     installed_as_static: AtomicBool,
     /// The last typed oracle failure; snow itself only reports `Error::Dh`.
     last_error: Mutex<Option<OracleError>>,
@@ -314,9 +314,13 @@ impl Dh for OracleDh {
     fn priv_len(&self) -> usize {
         KEY_LEN
     }
-    fn set(&mut self, _privkey: &[u8]) {
-        // The builder installs the static key here: the oracle holds the real one.
-        self.slot.installed_as_static.store(true, Ordering::SeqCst);
+    fn set(&mut self, privkey: &[u8]) {
+        // The builder installs the static key here (the responder passes the dummy);
+        // the oracle holds the real one. A fixed test ephemeral key is never the
+        // dummy, so this also tells a swapped resolve order apart.
+        if privkey == DUMMY_PRIVATE_KEY {
+            self.slot.installed_as_static.store(true, Ordering::SeqCst);
+        }
     }
     fn generate(&mut self, _rng: &mut dyn Random) -> Result<(), snow::Error> {
         // Only an ephemeral key is generated; the oracle must never become one.
@@ -508,6 +512,34 @@ mod tests {
         let dbg = format!("{a:?}");
         let private_hex: String = a.private_key().iter().map(|b| format!("{b:02x}")).collect();
         assert!(!dbg.contains(&private_hex));
+    }
+
+    #[test]
+    fn resolver_installs_the_oracle_as_static_key_and_detects_a_swap() {
+        let kp = StaticKeypair::from_private([3u8; 32]).unwrap();
+        let oracle: Arc<dyn StaticKeyOracle> = Arc::new(LocalKeyOracle::new(kp.clone()));
+        // The real builder: the oracle becomes the static key.
+        let (resolver, handle) = OracleResolver::new(oracle.clone());
+        let params = "Noise_XX_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
+        snow::Builder::with_resolver(params, Box::new(resolver))
+            .local_private_key(&DUMMY_PRIVATE_KEY)
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&[5u8; 32])
+            .build_responder()
+            .unwrap();
+        assert!(handle.verify_installed());
+        // A builder that resolved the ephemeral first would hand the oracle a
+        // non-dummy key (or none): detected.
+        let (resolver, handle) = OracleResolver::new(oracle);
+        let mut first = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        let mut second = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        first.set(&[5u8; 32]);
+        second.set(&DUMMY_PRIVATE_KEY);
+        assert!(!handle.verify_installed());
+        assert_eq!(first.pubkey(), &kp.public_key());
+        let mut rng = RingResolver.resolve_rng().unwrap();
+        assert!(first.generate(&mut *rng).is_err());
+        assert!(matches!(handle.take_error(), Some(OracleError::Refused(_))));
     }
 
     #[test]
