@@ -401,14 +401,14 @@ pub static CLIENT_HELPER: &[Syscall] = &[
     sys!(
         SYS_socket,
         Args::OneOf(&[
-            &[eq!(0, libc::AF_NETLINK)],
+            &[eq!(0, libc::AF_NETLINK), eq!(2, libc::NETLINK_ROUTE)],
             &[eq!(0, libc::AF_UNIX)],
             &[
                 eq!(0, libc::AF_INET),
                 masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM)
             ],
         ]),
-        "AF_NETLINK (routes, addresses), AF_UNIX, AF_INET datagram (interface ioctls) only"
+        "AF_NETLINK route family (links, addresses, routes), AF_UNIX, AF_INET datagram (interface ioctls) only"
     ),
     sys!(SYS_bind, "bind netlink sockets"),
     sys!(

@@ -395,10 +395,11 @@ fn client_session_dies_on_execve_openat_and_unix_socket() {
 }
 
 #[test]
-fn client_helper_dies_on_execve_fork_and_packet_socket() {
+fn client_helper_dies_on_execve_fork_packet_and_audit_sockets() {
     expect_sigsys("client-helper", "execve");
     expect_sigsys("client-helper", "fork");
     expect_sigsys("client-helper", "socket-packet");
+    expect_sigsys("client-helper", "socket-netlink-audit");
 }
 
 #[test]

@@ -138,6 +138,12 @@ fn main() {
             println!("socket returned {fd}");
             survived();
         }
+        "socket-netlink-audit" => {
+            // SAFETY: plain syscall with integer arguments.
+            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_AUDIT) };
+            println!("socket returned {fd}");
+            survived();
+        }
         "socket-packet" => {
             // SAFETY: plain syscall with integer arguments.
             let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, 0) };
