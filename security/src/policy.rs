@@ -2,7 +2,7 @@
 //!
 //! Each entry names a syscall, says why the role needs it and, where it matters, which
 //! arguments are allowed. The filters are compiled from these tables
-//! ([`crate::seccomp`]) and the tables in `docs/security.md` are rendered from them
+//! (`seccomp.rs`) and the tables in `docs/security.md` are rendered from them
 //! ([`render_markdown`]); a test fails when the document and the data disagree, so the
 //! document cannot drift from what the code installs.
 //!
