@@ -408,6 +408,14 @@ fn broker_dies_on_ptrace() {
 }
 
 #[test]
+fn log_mode_logs_instead_of_killing() {
+    // Violation::Log is for developing a policy: the call runs and the kernel logs it.
+    let done = Probe::spawn("parser-worker", "socket", &["--log-violations"]).go();
+    done.assert_success("socket under Violation::Log");
+    assert!(done.stdout.contains("survived"), "{}", done.stdout);
+}
+
+#[test]
 fn single_threaded_worker_dies_on_thread_spawn_and_has_nproc_zero() {
     let probe = Probe::spawn("parser-worker", "spawn-thread", &["--threads-forbidden"]);
     assert!(

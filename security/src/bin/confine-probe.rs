@@ -61,6 +61,7 @@ fn parse() -> Args {
                 netns = true;
             }
             "--keep-env" => options.keep_env = true,
+            "--log-violations" => options.violation = security::Violation::Log,
             "--null-stdin" => {
                 options.keep_stdio = false;
                 options.keep_fds.extend([1, 2]);
