@@ -299,7 +299,8 @@ struct Wire {
 impl<'de> Deserialize<'de> for PacketBatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = Wire::deserialize(d)?;
-        let mut batch = PacketBatch::with_capacity(w.lease, w.lens.as_slice().len(), w.data.as_slice().len());
+        let mut batch =
+            PacketBatch::with_capacity(w.lease, w.lens.as_slice().len(), w.data.as_slice().len());
         let mut at = 0usize;
         for &len in w.lens.as_slice() {
             let next = at.saturating_add(usize::from(len));

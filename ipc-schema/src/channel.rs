@@ -163,7 +163,10 @@ pub struct Channel<P: Protocol> {
 }
 
 impl<P: Protocol> Channel<P> {
-    /// Takes a connected socket and runs the version handshake on it.
+    /// Takes a connected, blocking socket and runs the version handshake on it.
+    /// A caller facing a peer that may stall (the control socket) sets a read timeout
+    /// on the socket first; a timeout then fails like any I/O error and kills the
+    /// channel.
     pub fn open(sock: UnixStream) -> Result<Self, ChannelError> {
         let mut ch = Self {
             sock,
