@@ -1,0 +1,351 @@
+//! The testbed's own end-to-end tests. They need root; without it each test prints
+//! why it is skipped and passes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::io::Read as _;
+use std::net::{IpAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use testbed::client::{self, DnsType};
+use testbed::{Node, Testbed};
+
+const T: Duration = Duration::from_secs(10);
+
+fn testbed(file_mb: usize) -> Option<Testbed> {
+    if !testbed::can_run() {
+        eprintln!("skipping: the testbed needs root and /dev/net/tun");
+        return None;
+    }
+    let tb = Testbed::builder().http_file_mb(file_mb).build().unwrap();
+    eprintln!("{}", tb.describe());
+    Some(tb)
+}
+
+#[test]
+fn phone_fetches_the_file_through_the_vpn() {
+    let Some(tb) = testbed(8) else { return };
+    let wg_before = tb.vpn_counters().unwrap();
+    let wan_before = tb.wan_counters().unwrap();
+
+    let addr = tb.http_addr();
+    let r = tb
+        .in_ns(Node::Phone, || client::http_get(addr, "/file", T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.len, tb.file_len());
+    assert_eq!(r.sha256, tb.file_sha256());
+
+    // The bytes came in through the WireGuard interface, and the physical uplink
+    // carried them (encrypted, so a little more).
+    let wg_after = tb.vpn_counters().unwrap();
+    let wan_after = tb.wan_counters().unwrap();
+    assert!(wg_after.rx_bytes - wg_before.rx_bytes >= tb.file_len());
+    assert!(wg_after.tx_packets > wg_before.tx_packets);
+    assert!(wan_after.rx_bytes - wan_before.rx_bytes > wg_after.rx_bytes - wg_before.rx_bytes);
+    let wg = tb.wg_phone_stats().unwrap();
+    assert!(
+        wg.last_handshake_secs.is_some(),
+        "no WireGuard handshake: {wg:?}"
+    );
+    assert!(wg.rx_bytes >= tb.file_len());
+
+    // Over IPv6 too, and the generated stream endpoint.
+    if tb.has_ipv6() {
+        let addr6 = tb.addrs().http_v6();
+        let r = tb
+            .in_ns(Node::Phone, || client::http_get(addr6, "/bytes/100000", T))
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.len), (200, 100_000));
+        assert_eq!(r.sha256, testbed::content_sha256(100_000));
+    }
+}
+
+#[test]
+fn phone_uploads_and_the_server_hashes_it() {
+    let Some(tb) = testbed(1) else { return };
+    let body = testbed::content_bytes(3 << 20);
+    let addr = tb.http_addr();
+    let r = tb
+        .in_ns(Node::Phone, || client::http_upload(addr, &body, T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text().trim(),
+        testbed::hex(&testbed::content_sha256(3 << 20))
+    );
+    assert!(tb.vpn_counters().unwrap().tx_bytes >= 3 << 20);
+}
+
+#[test]
+fn dns_answers_the_test_names_and_counts_queries() {
+    let Some(tb) = testbed(1) else { return };
+    let dns = tb.dns_addr();
+    let before = tb.dns_queries();
+    let a = tb
+        .in_ns(Node::Phone, || {
+            client::dns_query(dns, "files.vpnshare.test", DnsType::A, T)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.rcode, 0);
+    assert_eq!(a.addrs, vec![IpAddr::from(tb.addrs().server_v4)]);
+    let aaaa = tb
+        .in_ns(Node::Phone, || {
+            client::dns_query(dns, "files.vpnshare.test", DnsType::Aaaa, T)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(aaaa.addrs, vec![IpAddr::from(tb.addrs().server_v6)]);
+    let nx = tb
+        .in_ns(Node::Phone, || {
+            client::dns_query(dns, "missing.vpnshare.test", DnsType::A, T)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(nx.rcode, 3);
+    assert!(nx.addrs.is_empty());
+    assert_eq!(tb.dns_queries() - before, 3);
+    if tb.has_ipv6() {
+        let dns6 = tb.addrs().dns_v6();
+        let a = tb
+            .in_ns(Node::Phone, || {
+                client::dns_query(dns6, "dns.vpnshare.test", DnsType::A, T)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.addrs, vec![IpAddr::from(tb.addrs().dns_v4)]);
+    }
+}
+
+#[test]
+fn udp_echo_and_closed_port_through_the_vpn() {
+    let Some(tb) = testbed(1) else { return };
+    let echo = tb.udp_echo_addr();
+    let before = tb.udp_echoes();
+    let payload: Vec<u8> = (0..1200u32).map(|i| (i % 251) as u8).collect();
+    let back = tb
+        .in_ns(Node::Phone, || client::udp_echo(echo, &payload, T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, payload);
+    assert_eq!(tb.udp_echoes() - before, 1);
+
+    // Nothing listens there: the server's kernel answers RST.
+    let closed = tb.closed_tcp_addr();
+    let err = tb
+        .in_ns(Node::Phone, || client::tcp_connect(closed, T))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.io_kind(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "{err}"
+    );
+}
+
+#[test]
+fn with_the_vpn_down_the_phone_cannot_reach_the_internet() {
+    let Some(tb) = testbed(1) else { return };
+    let (http, echo) = (tb.http_addr(), tb.udp_echo_addr());
+    tb.set_vpn_up(false).unwrap();
+    let routes = tb.routes(Node::Phone).unwrap();
+    assert!(
+        !routes.iter().any(|r| r.starts_with("default")),
+        "{routes:?}"
+    );
+    let err = tb
+        .in_ns(Node::Phone, || {
+            client::http_get(http, "/health", Duration::from_secs(2))
+        })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_enetunreach()), "{err}");
+    assert!(
+        tb.in_ns(Node::Phone, || client::udp_echo(
+            echo,
+            b"x",
+            Duration::from_millis(500)
+        ))
+        .unwrap()
+        .is_err()
+    );
+
+    tb.set_vpn_up(true).unwrap();
+    let r = tb
+        .in_ns(Node::Phone, || client::http_get(http, "/health", T))
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+}
+
+fn libc_enetunreach() -> i32 {
+    101 // ENETUNREACH on Linux
+}
+
+#[test]
+fn the_laptop_has_only_its_lan() {
+    let Some(tb) = testbed(1) else { return };
+    let routes = tb.routes(Node::Laptop).unwrap();
+    assert!(!routes.is_empty());
+    for r in &routes {
+        assert!(!r.starts_with("default"), "laptop has a default route: {r}");
+        assert!(
+            r.contains(&format!("dev {}", testbed::LAN_IF)),
+            "laptop route off the LAN: {r}"
+        );
+    }
+    let mut ifs = tb.interfaces(Node::Laptop).unwrap();
+    ifs.sort();
+    assert_eq!(ifs, vec![testbed::LAN_IF.to_owned(), "lo".to_owned()]);
+
+    // A packet for the internet dies at once on the laptop.
+    let http = tb.http_addr();
+    let err = tb
+        .in_ns(Node::Laptop, || {
+            client::http_get(http, "/health", Duration::from_secs(2))
+        })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_enetunreach()), "{err}");
+
+    // The LAN works, and the veth counters see what crossed it.
+    let before = tb.veth_counters().unwrap();
+    let phone_lan = tb.phone_lan_ip();
+    let listener = tb
+        .in_ns(Node::Phone, || TcpListener::bind((phone_lan, 7000)))
+        .unwrap()
+        .unwrap();
+    tb.in_ns(Node::Laptop, || {
+        client::tcp_connect((phone_lan, 7000).into(), T)
+    })
+    .unwrap()
+    .unwrap();
+    drop(listener);
+    let after = tb.veth_counters().unwrap();
+    assert!(after.laptop.tx_packets > before.laptop.tx_packets);
+    assert!(after.phone.rx_packets > before.phone.rx_packets);
+    assert!(after.phone.tx_packets > before.phone.tx_packets);
+}
+
+#[test]
+fn link_down_for_cuts_the_lan_then_restores_it() {
+    let Some(tb) = testbed(1) else { return };
+    let phone_lan = tb.phone_lan_ip();
+    let listener = tb
+        .in_ns(Node::Phone, || TcpListener::bind((phone_lan, 7001)))
+        .unwrap()
+        .unwrap();
+    let flap = tb.link_down_for(Duration::from_millis(1500)).unwrap();
+    assert!(
+        tb.in_ns(Node::Laptop, || {
+            client::tcp_connect((phone_lan, 7001).into(), Duration::from_millis(500))
+        })
+        .unwrap()
+        .is_err()
+    );
+    flap.wait().unwrap();
+    tb.in_ns(Node::Laptop, || {
+        client::tcp_connect((phone_lan, 7001).into(), T)
+    })
+    .unwrap()
+    .unwrap();
+    drop(listener);
+}
+
+#[test]
+fn run_in_spawns_inside_the_namespace() {
+    let Some(tb) = testbed(1) else { return };
+    let mut child = tb
+        .run_in(
+            Node::Phone,
+            Command::new("ls")
+                .arg("/sys/class/net")
+                .stdout(Stdio::piped()),
+        )
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut names: Vec<&str> = out.split_whitespace().collect();
+    names.sort();
+    assert_eq!(names, vec!["lan0", "lo", "wan0", "wg0"]);
+
+    // The drop kills what still runs inside.
+    let sleeper = tb
+        .run_in(Node::Laptop, Command::new("sleep").arg("600"))
+        .unwrap();
+    let pid = sleeper.id();
+    drop(tb);
+    let mut sleeper = sleeper;
+    let status = sleeper.wait().unwrap();
+    assert!(!status.success(), "sleep {pid} was not killed");
+}
+
+#[test]
+fn drop_removes_every_namespace_even_on_panic() {
+    if !testbed::can_run() {
+        eprintln!("skipping: the testbed needs root and /dev/net/tun");
+        return;
+    }
+    let tb = Testbed::builder().build().unwrap();
+    let id = tb.id().to_owned();
+    assert_eq!(
+        testbed::list_namespaces()
+            .iter()
+            .filter(|n| n.starts_with(&format!("{id}-")))
+            .count(),
+        4
+    );
+    drop(tb);
+    assert!(
+        !testbed::list_namespaces()
+            .iter()
+            .any(|n| n.starts_with(&format!("{id}-")))
+    );
+
+    let ids = std::sync::Mutex::new(String::new());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let tb = Testbed::builder().build().unwrap();
+        *ids.lock().unwrap() = tb.id().to_owned();
+        panic!("a failing test");
+    }));
+    assert!(r.is_err());
+    let id = ids.lock().unwrap().clone();
+    assert!(!id.is_empty());
+    assert!(
+        !testbed::list_namespaces()
+            .iter()
+            .any(|n| n.starts_with(&format!("{id}-")))
+    );
+}
+
+#[test]
+fn cleanup_removes_namespaces_of_dead_testbeds() {
+    if !testbed::can_run() {
+        eprintln!("skipping: the testbed needs root and /dev/net/tun");
+        return;
+    }
+    // pid 0 never names a live process: this namespace looks left over by a dead run.
+    let name = format!("{}0-{}-phone", testbed::NS_PREFIX, std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let removed = testbed::cleanup_stale();
+    assert!(
+        removed.contains(&name) || !testbed::list_namespaces().contains(&name),
+        "{removed:?}"
+    );
+    assert!(!testbed::list_namespaces().contains(&name));
+}
