@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 pub const MAX_QUERY_LEN: usize = 4096;
 /// Largest DNS response accepted from upstream.
 pub const MAX_RESPONSE_LEN: usize = 65_535;
-/// Shortest time a positive answer is cached (avoids thrash on TTL 0).
-const MIN_CACHE_TTL: u32 = 0;
 
 /// What identifies a cacheable question.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -107,7 +105,7 @@ pub fn check_response(
         .chain(packet.name_servers.iter())
         .map(|r| r.ttl)
         .min();
-    Ok(ttl.map(|t| Duration::from_secs(u64::from(t.max(MIN_CACHE_TTL))).min(max_ttl)))
+    Ok(ttl.map(|t| Duration::from_secs(u64::from(t)).min(max_ttl)))
 }
 
 #[derive(Debug)]

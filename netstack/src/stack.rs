@@ -248,7 +248,7 @@ impl Peer {
     }
 
     /// Queues a client packet for smoltcp.
-    fn to_smoltcp(&mut self, counters: &mut Counters, pkt: &[u8]) {
+    fn queue_for_smoltcp(&mut self, counters: &mut Counters, pkt: &[u8]) {
         if !self.dev.rx.has_room(pkt.len()) {
             counters.drop(DropReason::QueueFull);
             return;
@@ -630,7 +630,7 @@ impl Netstack {
             );
             // A retransmitted SYN while the OS connect runs: the held one answers it.
             if !connecting && let Some(peer) = self.peers.get_mut(&lease) {
-                peer.to_smoltcp(&mut self.counters, pkt);
+                peer.queue_for_smoltcp(&mut self.counters, pkt);
             }
             return;
         }
@@ -639,7 +639,7 @@ impl Netstack {
         };
         if !syn {
             // No flow: smoltcp answers with RST (it has no socket for it).
-            peer.to_smoltcp(&mut self.counters, pkt);
+            peer.queue_for_smoltcp(&mut self.counters, pkt);
             return;
         }
         if self.refuse_new_flow(lease, pkt, DropReason::TcpFlowCap) {
@@ -717,7 +717,7 @@ impl Netstack {
             None => {
                 self.counters.tcp_refused += 1;
                 // No listener exists for it: smoltcp answers the SYN with RST.
-                peer.to_smoltcp(&mut self.counters, syn);
+                peer.queue_for_smoltcp(&mut self.counters, syn);
             }
             Some(kind) => {
                 self.counters.tcp_unreachable += 1;
@@ -766,7 +766,7 @@ impl Netstack {
         let need = bufsize.saturating_mul(2);
         if peer.buffer_bytes.saturating_add(need) > self.config.caps.max_buffer_bytes {
             self.counters.drop(DropReason::BufferCap);
-            peer.to_smoltcp(&mut self.counters, &syn); // no listener: RST
+            peer.queue_for_smoltcp(&mut self.counters, &syn); // no listener: RST
             self.forget_flow(id, true);
             return;
         }
@@ -791,11 +791,15 @@ impl Netstack {
             handle,
             opened: now,
         };
+        // The connect consumed the socket's first (edge-triggered) events: assume
+        // both ways ready until the OS says would-block.
+        flow.readable = true;
+        flow.writable = true;
         flow.last_active = now;
         self.counters.tcp_connected += 1;
         // The SYN goes in and is processed at once, before any other listener for the
         // same destination can exist.
-        peer.to_smoltcp(&mut self.counters, &syn);
+        peer.queue_for_smoltcp(&mut self.counters, &syn);
         peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
         peer.dirty = true;
     }

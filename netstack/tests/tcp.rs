@@ -1,0 +1,298 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! TCP through the netstack against real servers on loopback.
+
+mod common;
+
+use common::{Harness, loopback_config};
+use netstack::DropReason;
+use smoltcp::socket::tcp;
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, TcpPacket, TcpRepr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::thread;
+
+/// The laptop's local endpoint: its leased address of the server's family (smoltcp
+/// would pick `::1` as the source for `::1` otherwise).
+fn local(server: IpAddr, port: u16) -> (IpAddress, u16) {
+    match server {
+        IpAddr::V4(_) => (IpAddress::Ipv4(common::CLIENT_V4), port),
+        IpAddr::V6(_) => (IpAddress::Ipv6(common::CLIENT_V6), port),
+    }
+}
+
+fn tcp_socket(size: usize) -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; size]),
+        tcp::SocketBuffer::new(vec![0; size]),
+    )
+}
+
+fn echo_server(listener: TcpListener) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0; 65536];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        total
+    })
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn bulk_echo(server_ip: IpAddr) {
+    let listener = TcpListener::bind(SocketAddr::new(server_ip, 0)).unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = echo_server(listener);
+    let mut h = Harness::new(loopback_config());
+    let mut sock = tcp_socket(256 * 1024);
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_001),
+    )
+    .unwrap();
+    let handle = h.sockets.add(sock);
+
+    const LEN: usize = 3 * 1024 * 1024;
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut sent = 0;
+    let mut received = Vec::with_capacity(LEN);
+    let mut closed = false;
+    h.run_until(9, "bulk echo", |h| {
+        let s = h.sockets.get_mut::<tcp::Socket>(handle);
+        if s.can_send() && sent < LEN {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if sent == LEN && !closed && s.send_queue() == 0 {
+            s.close();
+            closed = true;
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                received.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        if std::env::var_os("NS_DEBUG").is_some() {
+            eprintln!(
+                "sent {sent} recv {} state {} {:?}",
+                received.len(),
+                s.state(),
+                h.ns.counters()
+            );
+        }
+        received.len() == LEN && !s.may_recv()
+    });
+    assert_eq!(fnv(&received), fnv(&data));
+    assert_eq!(join.join().unwrap(), LEN);
+    // Both sides closed: the flow goes away.
+    h.run_until(5, "flow removal", |h| h.ns.counters().tcp_flows == 0);
+    let c = h.ns.counters();
+    assert_eq!(c.tcp_connected, 1);
+    assert_eq!(c.total_drops(), 0, "{c:?}");
+}
+
+#[test]
+fn tcp_bulk_echo_ipv4() {
+    bulk_echo(IpAddr::V4(Ipv4Addr::LOCALHOST));
+}
+
+#[test]
+fn tcp_bulk_echo_ipv6() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no ::1 on this machine; skipped");
+        return;
+    }
+    bulk_echo(IpAddr::V6(Ipv6Addr::LOCALHOST));
+}
+
+fn refused(server_ip: IpAddr) {
+    // A port nobody listens on.
+    let port = {
+        let l = TcpListener::bind(SocketAddr::new(server_ip, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut h = Harness::new(loopback_config());
+    let mut sock = tcp_socket(4096);
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::from(server_ip), port),
+        local(server_ip, 40_002),
+    )
+    .unwrap();
+    let handle = h.sockets.add(sock);
+    h.run_until(5, "RST", |h| {
+        h.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed
+    });
+    let c = h.ns.counters();
+    assert_eq!(c.tcp_refused, 1, "{c:?}");
+    assert_eq!(c.tcp_connected, 0);
+    assert_eq!(c.tcp_flows, 0);
+}
+
+#[test]
+fn tcp_connection_refused_gives_rst_ipv4() {
+    refused(IpAddr::V4(Ipv4Addr::LOCALHOST));
+}
+
+#[test]
+fn tcp_connection_refused_gives_rst_ipv6() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        return;
+    }
+    refused(IpAddr::V6(Ipv6Addr::LOCALHOST));
+}
+
+#[test]
+fn server_close_and_reset_reach_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = thread::spawn(move || {
+        // First connection: greeting then orderly close.
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"hello").unwrap();
+        drop(s);
+        // Second: reset (SO_LINGER 0).
+        let (s, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let mut h = Harness::new(loopback_config());
+    let mut a = tcp_socket(4096);
+    a.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_003),
+    )
+    .unwrap();
+    let a = h.sockets.add(a);
+    let mut got = Vec::new();
+    h.run_until(5, "greeting and FIN", |h| {
+        let s = h.sockets.get_mut::<tcp::Socket>(a);
+        while s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        !s.may_recv() && s.state() == tcp::State::CloseWait
+    });
+    assert_eq!(got, b"hello");
+    h.sockets.get_mut::<tcp::Socket>(a).close();
+
+    let mut b = tcp_socket(4096);
+    b.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_004),
+    )
+    .unwrap();
+    let b = h.sockets.add(b);
+    h.run_until(5, "RST relayed", |h| {
+        h.sockets.get::<tcp::Socket>(b).state() == tcp::State::Closed
+    });
+    join.join().unwrap();
+    h.run_until(5, "flows gone", |h| h.ns.counters().tcp_flows == 0);
+}
+
+#[test]
+fn egress_off_refuses_new_flows_and_closes_old_ones() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0; 16];
+        // Returns when the netstack closes the flow.
+        while s.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+    });
+    let mut h = Harness::new(loopback_config());
+    let mut a = tcp_socket(4096);
+    a.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_005),
+    )
+    .unwrap();
+    let a = h.sockets.add(a);
+    h.run_until(5, "established", |h| {
+        h.sockets.get::<tcp::Socket>(a).state() == tcp::State::Established
+    });
+    h.ns.set_egress_available(false);
+    h.run_until(5, "existing flow reset", |h| {
+        h.sockets.get::<tcp::Socket>(a).state() == tcp::State::Closed
+    });
+    join.join().unwrap();
+
+    // A new SYN is answered with ICMP unreachable.
+    h.record = true;
+    let mut b = tcp_socket(4096);
+    b.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_006),
+    )
+    .unwrap();
+    h.sockets.add(b);
+    h.run_until(5, "ICMP unreachable", |h| {
+        h.recorded.iter().any(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+            ip.next_header() == IpProtocol::Icmp && ip.payload()[0] == 3
+        })
+    });
+    assert!(h.ns.counters().drops(DropReason::EgressUnavailable) >= 1);
+}
+
+#[test]
+fn syn_ack_mss_follows_the_lease_mtu() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let mut h = Harness::new(loopback_config());
+    h.record = true;
+    let mut a = tcp_socket(4096);
+    a.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_007),
+    )
+    .unwrap();
+    h.sockets.add(a);
+    let mut mss = None;
+    h.run_until(5, "SYN-ACK", |h| {
+        for p in &h.recorded {
+            let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+            if ip.next_header() != IpProtocol::Tcp {
+                continue;
+            }
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            let repr = TcpRepr::parse(
+                &tcp,
+                &IpAddress::Ipv4(ip.src_addr()),
+                &IpAddress::Ipv4(ip.dst_addr()),
+                &Default::default(),
+            )
+            .unwrap();
+            if tcp.syn() && tcp.ack() {
+                mss = repr.max_seg_size;
+            }
+        }
+        mss.is_some()
+    });
+    assert_eq!(mss, Some(common::MTU - 40));
+    drop(listener);
+}
