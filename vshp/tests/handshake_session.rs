@@ -502,3 +502,80 @@ fn stream_session_over_an_in_order_link() {
     }
     assert!(client.recv_epoch() >= 8);
 }
+
+/// RESUME end to end: the broker seals a ticket after the first session; the client
+/// presents it in the IK INIT of the next handshake; the gateway opens it against the
+/// static key that handshake authenticated and gets the same lease back, once.
+#[test]
+fn resume_ticket_inside_a_fresh_handshake() {
+    use vshp::lease::{Ipv4Prefix, LeaseId};
+    use vshp::message::{Message, MessageReader, MessageWriter};
+    use vshp::ticket::{TicketError, TicketId, TicketLease, TicketSealer};
+
+    let now_unix = 1_900_000_000;
+    let mut sealer = TicketSealer::new([0x5E; 32]).unwrap();
+    let lease = TicketLease {
+        id: LeaseId(9),
+        ipv4: Ipv4Prefix {
+            addr: "100.64.0.9".parse().unwrap(),
+            len: 24,
+        },
+        ipv6: None,
+    };
+    let ticket = sealer
+        .seal(
+            TicketId::random().unwrap(),
+            &client_keys().public_key(),
+            &lease,
+            now_unix,
+            600,
+        )
+        .unwrap();
+
+    let resume_once = |sealer: &mut TicketSealer, client: StaticKeypair| {
+        let mut i = Initiator::new(
+            client,
+            Some(gateway_keys().public_key()),
+            Capabilities::ALL_V1,
+            SessionIndex(7),
+        )
+        .unwrap();
+        let mut r = Responder::new(
+            Arc::new(LocalKeyOracle::new(gateway_keys())),
+            Capabilities::ALL_V1,
+            SessionIndex(8),
+        )
+        .unwrap();
+        let mut payload = [0u8; 256];
+        let mut w = MessageWriter::new(&mut payload);
+        w.resume(&ticket).unwrap();
+        let len = w.len();
+        let mut wire = [0u8; 1024];
+        let mut got = [0u8; 1024];
+        let n = i.write_init(&payload[..len], &mut wire).unwrap();
+        let m = r.read_init(&wire[..n], &mut got).unwrap();
+        let peer = r.remote_static().unwrap();
+        let presented = MessageReader::new(&got[..m])
+            .find_map(|msg| match msg {
+                Ok(Message::Resume { ticket }) => Some(ticket.to_vec()),
+                _ => None,
+            })
+            .unwrap();
+        sealer.open(&presented, &peer, now_unix + 5)
+    };
+
+    let opened = resume_once(&mut sealer, client_keys()).unwrap();
+    assert_eq!(opened.lease, lease);
+    // The same ticket again: replay.
+    assert_eq!(
+        resume_once(&mut sealer, client_keys()),
+        Err(TicketError::Replayed)
+    );
+    // Stolen by another device: its handshake authenticates another key.
+    let mut sealer2 = TicketSealer::new([0x5E; 32]).unwrap();
+    let thief = StaticKeypair::from_private([0x7E; 32]).unwrap();
+    assert_eq!(
+        resume_once(&mut sealer2, thief),
+        Err(TicketError::WrongPeer)
+    );
+}
