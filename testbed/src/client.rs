@@ -270,6 +270,40 @@ fn udp_exchange(
     Ok(buf)
 }
 
+/// Sends one ICMP echo request to `ip` from an unprivileged ICMP ("ping") socket and
+/// waits for the matching reply (the testbed allows ping sockets for every group in
+/// every namespace).
+pub fn icmp_echo(ip: IpAddr, payload: &[u8], timeout: Duration) -> Result<(), ClientError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    let (family, proto, request, reply) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8u8, 0u8),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128u8, 129u8),
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, proto).map_err(|e| {
+        ClientError::Io {
+            what: "open ping socket",
+            source: e.into(),
+        }
+    })?;
+    // A ping socket is a datagram socket: std's UDP calls (sendto/recv) fit it.
+    let s = UdpSocket::from(fd);
+    s.set_read_timeout(Some(timeout))
+        .map_err(io("set timeout"))?;
+    // type, code, checksum (the kernel fills it in), identifier (the kernel sets it to
+    // the socket's "port"), sequence.
+    let mut msg = vec![request, 0, 0, 0, 0, 0, 0, 1];
+    msg.extend_from_slice(payload);
+    s.send_to(&msg, SocketAddr::new(ip, 0))
+        .map_err(io("send icmp echo"))?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = s.recv(&mut buf).map_err(io("receive icmp echo reply"))?;
+        if n >= 8 && buf[0] == reply && buf[6..8] == [0, 1] && buf[8..n] == *payload {
+            return Ok(());
+        }
+    }
+}
+
 /// Opens a TCP connection and closes it: `Ok` when something listens.
 pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<(), ClientError> {
     TcpStream::connect_timeout(&addr, timeout)

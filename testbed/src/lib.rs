@@ -489,6 +489,9 @@ impl Testbed {
                 ("/proc/sys/net/ipv4/ip_forward", forward),
                 ("/proc/sys/net/ipv4/conf/all/rp_filter", "0"),
                 ("/proc/sys/net/ipv4/conf/default/rp_filter", "0"),
+                // Unprivileged ICMP echo ("ping") sockets for everyone, as on Android
+                // and most desktops: the gateway needs no root to re-originate pings.
+                ("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
             ];
             if ipv6 {
                 settings.extend([

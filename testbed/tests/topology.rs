@@ -122,7 +122,7 @@ fn dns_answers_the_test_names_and_counts_queries() {
 }
 
 #[test]
-fn udp_echo_and_closed_port_through_the_vpn() {
+fn udp_echo_ping_and_closed_port_through_the_vpn() {
     let Some(tb) = testbed(1) else { return };
     let echo = tb.udp_echo_addr();
     let before = tb.udp_echoes();
@@ -133,6 +133,20 @@ fn udp_echo_and_closed_port_through_the_vpn() {
         .unwrap();
     assert_eq!(back, payload);
     assert_eq!(tb.udp_echoes() - before, 1);
+
+    // ICMP echo answered by the server's kernel, through the tunnel.
+    let wg_before = tb.wg_phone_stats().unwrap();
+    let server = IpAddr::from(tb.addrs().server_v4);
+    tb.in_ns(Node::Phone, || client::icmp_echo(server, b"ping", T))
+        .unwrap()
+        .unwrap();
+    if tb.has_ipv6() {
+        let server6 = IpAddr::from(tb.addrs().server_v6);
+        tb.in_ns(Node::Phone, || client::icmp_echo(server6, b"ping6", T))
+            .unwrap()
+            .unwrap();
+    }
+    assert!(tb.wg_phone_stats().unwrap().rx_bytes > wg_before.rx_bytes);
 
     // Nothing listens there: the server's kernel answers RST.
     let closed = tb.closed_tcp_addr();
@@ -173,6 +187,13 @@ fn with_the_vpn_down_the_phone_cannot_reach_the_internet() {
         .unwrap()
         .is_err()
     );
+    let server = IpAddr::from(tb.addrs().server_v4);
+    let ping = tb
+        .in_ns(Node::Phone, || {
+            client::icmp_echo(server, b"x", Duration::from_millis(500))
+        })
+        .unwrap();
+    assert!(ping.is_err());
 
     tb.set_vpn_up(true).unwrap();
     let r = tb
