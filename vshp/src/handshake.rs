@@ -903,6 +903,62 @@ mod tests {
     }
 
     #[test]
+    fn misaddressed_response_and_final_are_refused() {
+        let (c, g) = keys();
+        let oracle: Arc<dyn StaticKeyOracle> = Arc::new(LocalKeyOracle::new(g));
+        let mut buf = [0u8; 512];
+        let mut pl = [0u8; 512];
+        // RESP addressed to another client index.
+        let mut i = Initiator::new(c.clone(), None, Capabilities(0), SessionIndex(10)).unwrap();
+        let mut r = Responder::new(oracle.clone(), Capabilities(0), SessionIndex(20)).unwrap();
+        let n = i.write_init(b"", &mut buf).unwrap();
+        r.read_init(&buf[..n], &mut pl).unwrap();
+        let n = r.write_response(b"", &mut buf).unwrap();
+        let mut resp = buf[..n].to_vec();
+        resp[15] ^= 1;
+        assert_eq!(
+            i.read_response(&resp, &mut pl),
+            Err(HandshakeError::WrongReceiverIndex {
+                expected: 10,
+                got: 11
+            })
+        );
+        // RESP claiming the other pattern.
+        let mut i = Initiator::new(c.clone(), None, Capabilities(0), SessionIndex(10)).unwrap();
+        let mut r = Responder::new(oracle.clone(), Capabilities(0), SessionIndex(20)).unwrap();
+        let n = i.write_init(b"", &mut buf).unwrap();
+        r.read_init(&buf[..n], &mut pl).unwrap();
+        let n = r.write_response(b"", &mut buf).unwrap();
+        let mut resp = buf[..n].to_vec();
+        resp[2] = 1;
+        assert_eq!(
+            i.read_response(&resp, &mut pl),
+            Err(HandshakeError::PatternMismatch {
+                expected: Pattern::Xx,
+                got: Pattern::Ik
+            })
+        );
+        // FINAL from another sender index.
+        let mut i = Initiator::new(c, None, Capabilities(0), SessionIndex(10)).unwrap();
+        let mut r = Responder::new(oracle, Capabilities(0), SessionIndex(20)).unwrap();
+        let n = i.write_init(b"", &mut buf).unwrap();
+        r.read_init(&buf[..n], &mut pl).unwrap();
+        let n = r.write_response(b"", &mut buf).unwrap();
+        i.read_response(&buf[..n], &mut pl).unwrap();
+        let n = i.write_final(b"", &mut buf).unwrap();
+        let mut fin = buf[..n].to_vec();
+        fin[11] ^= 2;
+        assert_eq!(
+            r.read_final(&fin, &mut pl),
+            Err(HandshakeError::WrongSenderIndex {
+                expected: 10,
+                got: 8
+            })
+        );
+        assert_eq!(r.next(), Next::Failed);
+    }
+
+    #[test]
     fn small_buffers_fail_typed() {
         let (c, _) = keys();
         let mut i = Initiator::new(c, None, Capabilities(0), SessionIndex(1)).unwrap();
