@@ -5,6 +5,8 @@
 //! - [`limits`]: every size bound, in one table.
 //! - [`frame`]: the bytes on the socket (`u32` LE length, version byte, postcard body).
 //! - [`hello`]: the version handshake every channel starts with.
+//! - [`codec`]: message bodies (postcard 1), exact consumption, validation.
+//! - [`bounded`]: byte strings, vectors and strings bounded while decoding.
 //! - [`messages`]: one typed message set per boundary and direction.
 //! - [`batch`]: the packet batch of the data path, decoded into a reused buffer.
 //! - [`channel`]: a connected, typed channel; a bad message poisons it for good.
