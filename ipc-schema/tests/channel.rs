@@ -341,3 +341,114 @@ fn send_checks_descriptor_count_and_size_without_dying() {
     // 512 × ~108 bytes fits in 128 KiB: the limit is sized for the largest listing.
     broker.send(&reply, &[]).unwrap();
 }
+
+/// Fails to compile when a variant is added without a sample (the match is exhaustive),
+/// and fails at run time when a listed variant has no sample.
+macro_rules! assert_samples_cover {
+    ($samples:expr, $ty:ident { $($v:ident),* $(,)? }) => {{
+        let names: &[&str] = &[$(stringify!($v)),*];
+        let mut seen = vec![false; names.len()];
+        for m in &$samples {
+            let name = match m { $($ty::$v { .. } => stringify!($v)),* };
+            let i = names.iter().position(|n| *n == name).unwrap();
+            seen[i] = true;
+        }
+        for (n, s) in names.iter().zip(seen) {
+            assert!(s, "no sample of {}::{n}", stringify!($ty));
+        }
+    }};
+}
+
+#[test]
+fn samples_cover_every_variant() {
+    use broker_netstack::{BrokerToNetstack, NetstackToBroker};
+    use control::{ControlReply, ControlRequest};
+    use data::DataMsg;
+    use session_helper::{HelperToSession, SessionToHelper};
+    assert_samples_cover!(
+        samples::broker_to_worker(),
+        BrokerToWorker {
+            AdoptTransport,
+            AttachDataPath,
+            HandshakeBound,
+            HandshakeRefused,
+            DhResult,
+            DhRefused,
+            Decision,
+            TicketSealed,
+            TicketOpened,
+            ReportCounters,
+            Shutdown,
+        }
+    );
+    assert_samples_cover!(
+        samples::worker_to_broker(),
+        WorkerToBroker {
+            ShowHandshake,
+            DhRequest,
+            Finished,
+            SealTicket,
+            OpenTicket,
+            Counters,
+            SessionEnded,
+        }
+    );
+    assert_samples_cover!(samples::data(), DataMsg { Packets, Credit });
+    assert_samples_cover!(
+        samples::broker_to_netstack(),
+        BrokerToNetstack {
+            LeaseAdded,
+            LeaseRemoved,
+            PeerRevoked,
+            Egress,
+            ReportCounters,
+            Shutdown,
+        }
+    );
+    assert_samples_cover!(
+        samples::netstack_to_broker(),
+        NetstackToBroker {
+            LeaseDropped,
+            Counters
+        }
+    );
+    assert_samples_cover!(
+        samples::session_to_helper(),
+        SessionToHelper {
+            OpenTun,
+            SetRoutes,
+            SetDns,
+            TearDown
+        }
+    );
+    assert_samples_cover!(
+        samples::helper_to_session(),
+        HelperToSession {
+            TunOpened,
+            Done,
+            Refused
+        }
+    );
+    assert_samples_cover!(
+        samples::control_request(),
+        ControlRequest {
+            Status,
+            PeersList,
+            PeersAdd,
+            PeersRevoke,
+            PairingList,
+            PairingApprove,
+            PairingDeny,
+        }
+    );
+    assert_samples_cover!(
+        samples::control_reply(),
+        ControlReply {
+            Status,
+            Peers,
+            Pairings,
+            Ok,
+            Error
+        }
+    );
+}
