@@ -73,6 +73,15 @@ pub struct TransportKeys {
     pub recv: [u8; KEY_LEN],
 }
 
+impl Drop for TransportKeys {
+    fn drop(&mut self) {
+        // Best effort wipe; `black_box` keeps the stores from being optimised away.
+        self.send.fill(0);
+        self.recv.fill(0);
+        std::hint::black_box((&self.send, &self.recv));
+    }
+}
+
 impl fmt::Debug for TransportKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("TransportKeys { .. }")

@@ -75,6 +75,14 @@ pub struct StaticKeypair {
     public: [u8; KEY_LEN],
 }
 
+impl Drop for StaticKeypair {
+    fn drop(&mut self) {
+        // Best effort wipe; `black_box` keeps the store from being optimised away.
+        self.private.fill(0);
+        std::hint::black_box(&self.private);
+    }
+}
+
 impl fmt::Debug for StaticKeypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the private key.

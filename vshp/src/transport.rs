@@ -231,6 +231,15 @@ struct EpochKey {
     aead: LessSafeKey,
 }
 
+impl Drop for EpochKey {
+    fn drop(&mut self) {
+        // Best effort: wipe our copy of a retired key (ring keeps its own copy inside
+        // `LessSafeKey`, which we cannot wipe). `black_box` keeps the store alive.
+        self.raw.fill(0);
+        std::hint::black_box(&self.raw);
+    }
+}
+
 impl EpochKey {
     fn new(epoch: u32, raw: [u8; KEY_LEN]) -> Result<Self, CryptoError> {
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, &raw).map_err(|_| CryptoError)?;
