@@ -38,12 +38,8 @@ pub enum DataMsgRef<'a> {
     Credit(Credit),
 }
 
-impl Message for DataMsg {
-    fn validate(&self) -> Result<(), InvalidMessage> {
-        // PacketBatch's Deserialize already enforces every batch bound.
-        Ok(())
-    }
-}
+/// No `validate`: `PacketBatch`'s `Deserialize` already enforces every batch bound.
+impl Message for DataMsg {}
 
 /// What [`decode_data_into`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
