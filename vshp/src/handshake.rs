@@ -101,7 +101,10 @@ pub struct Established {
     pub local_index: SessionIndex,
     /// The index we put in DATA records we send.
     pub remote_index: SessionIndex,
-    /// The capability bits the peer announced (authenticated by the handshake).
+    /// The capability bits in the peer's handshake header. The gateway sees the
+    /// client's INIT header, which the prologue authenticates; the client sees the RESP
+    /// header, which Noise does not cover: it must use the HELLO inside the encrypted
+    /// RESP payload for decisions (docs/protocol-crypto.md §1).
     pub remote_capabilities: Capabilities,
     pub keys: TransportKeys,
 }
