@@ -4,8 +4,9 @@
 //! raw from snow). Records are sealed with ChaCha20-Poly1305 (ring, in place, into the
 //! caller's buffer): nonce = 4 zero bytes ‖ LE64(counter), associated data = the 16-byte
 //! DATA header, so epoch, receiver index and counter are all authenticated. WireGuard
-//! seals its transport messages the same way; snow's own transport mode cannot, since
-//! it neither takes associated data nor exposes the counter.
+//! also leaves Noise's transport state and seals with the raw keys and an explicit
+//! counter nonce; snow's own transport mode cannot serve here, since it neither takes
+//! associated data nor exposes the counter.
 //!
 //! - **Counters** start at 0 in every key epoch and increase by one per record; a
 //!   (key, counter) pair is never used twice because the send side only moves forward
