@@ -109,6 +109,13 @@ pub struct Established {
     pub keys: TransportKeys,
 }
 
+impl Established {
+    /// The six-digit code both devices show for this handshake.
+    pub fn pairing_code(&self) -> crate::pairing::PairingCode {
+        crate::pairing::PairingCode::from_handshake_hash(&self.handshake_hash)
+    }
+}
+
 /// A failure inside Noise, without snow's internal detail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NoiseFailure {
@@ -887,6 +894,7 @@ mod tests {
             assert_eq!(a.remote_static, g.public_key());
             assert_eq!(b.remote_static, c.public_key());
             assert_eq!(a.handshake_hash, b.handshake_hash);
+            assert_eq!(a.pairing_code(), b.pairing_code());
             assert_eq!(a.keys.send, b.keys.recv);
             assert_eq!(a.keys.recv, b.keys.send);
             assert_ne!(a.keys.send, a.keys.recv);
