@@ -1,63 +1,55 @@
-//! The bytes the HTTP server serves: one deterministic pseudo-random stream
-//! (xorshift64*, fixed seed). `/file` is its first `file_len` bytes, `/bytes/N` its
-//! first N bytes, so any client can recompute what it should have received.
+//! The bytes the HTTP server serves: one deterministic stream, a block of
+//! `BLOCK_LEN` pseudo-random bytes (xorshift64*, fixed seed) repeated. The block length
+//! is prime, so the period lines up with no buffer or segment size. `/file` is the
+//! stream's first `file_len` bytes, `/bytes/N` its first N bytes, so any client can
+//! recompute what it should have received. Repeating a block keeps generating a
+//! large file cheap in debug builds.
+
+use std::sync::OnceLock;
 
 use sha2::{Digest as _, Sha256};
 
 const SEED: u64 = 0x5650_4e53_6861_7265; // "VPNShare"
+/// The stream's period: the largest prime below 2^20.
+pub const BLOCK_LEN: usize = 1_048_573;
 
-/// Generates the stream in order, any number of bytes at a time.
-#[derive(Debug, Clone)]
-pub struct ContentStream {
-    state: u64,
-    pending: [u8; 8],
-    pending_len: usize,
+fn block() -> &'static [u8] {
+    static BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut state = SEED;
+        let mut v = Vec::with_capacity(BLOCK_LEN + 8);
+        while v.len() < BLOCK_LEN {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            v.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        v.truncate(BLOCK_LEN);
+        v
+    })
 }
 
-impl Default for ContentStream {
-    fn default() -> Self {
-        Self::new()
-    }
+/// Generates the stream in order, any number of bytes at a time.
+#[derive(Debug, Clone, Default)]
+pub struct ContentStream {
+    pos: usize,
 }
 
 impl ContentStream {
     /// A stream positioned at byte 0.
     pub fn new() -> Self {
-        Self {
-            state: SEED,
-            pending: [0; 8],
-            pending_len: 0,
-        }
-    }
-
-    fn next_word(&mut self) -> [u8; 8] {
-        let mut x = self.state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.state = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()
+        Self { pos: 0 }
     }
 
     /// Fills `buf` with the next `buf.len()` bytes of the stream.
     pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut i = 0;
-        while i < buf.len() && self.pending_len > 0 {
-            buf[i] = self.pending[8 - self.pending_len];
-            self.pending_len -= 1;
-            i += 1;
-        }
-        let mut chunks = buf[i..].chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            chunk.copy_from_slice(&self.next_word());
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            let word = self.next_word();
-            let n = rest.len();
-            rest.copy_from_slice(&word[..n]);
-            self.pending = word;
-            self.pending_len = 8 - n;
+        let block = block();
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(BLOCK_LEN - self.pos);
+            buf[done..done + n].copy_from_slice(&block[self.pos..self.pos + n]);
+            done += n;
+            self.pos = (self.pos + n) % BLOCK_LEN;
         }
     }
 }
@@ -105,6 +97,7 @@ mod tests {
         let mut s = ContentStream::new();
         let mut pieces = Vec::new();
         for n in [1usize, 3, 8, 13, 0, 200, 775] {
+            // (sums to 1000)
             let mut b = vec![0u8; n];
             s.fill(&mut b);
             pieces.extend_from_slice(&b);
@@ -112,5 +105,19 @@ mod tests {
         assert_eq!(whole, pieces);
         let digest: [u8; 32] = Sha256::digest(&whole).into();
         assert_eq!(content_sha256(1000), digest);
+    }
+
+    #[test]
+    fn stream_wraps_around_its_block() {
+        let two = content_bytes(2 * BLOCK_LEN + 10);
+        assert_eq!(two[..BLOCK_LEN], two[BLOCK_LEN..2 * BLOCK_LEN]);
+        assert_eq!(two[..10], two[2 * BLOCK_LEN..]);
+        assert_ne!(two[..4096], two[4096..8192]);
+        let mut s = ContentStream::new();
+        let mut a = vec![0u8; BLOCK_LEN - 3];
+        let mut b = vec![0u8; 13];
+        s.fill(&mut a);
+        s.fill(&mut b);
+        assert_eq!(b[..], two[BLOCK_LEN - 3..BLOCK_LEN + 10]);
     }
 }

@@ -353,7 +353,8 @@ pub struct Testbed {
     addrs: Addrs,
     ipv6: bool,
     file: Arc<Vec<u8>>,
-    file_sha256: [u8; 32],
+    file_sha256: std::sync::OnceLock<[u8; 32]>,
+    sha_job: std::sync::Mutex<Option<std::thread::JoinHandle<[u8; 32]>>>,
     names: Vec<DnsName>,
     servers: Option<Servers>,
     wg_phone: Option<WgDevice>,
@@ -433,7 +434,18 @@ impl Testbed {
             .unwrap_or_else(|| std::path::Path::new("/proc/sys/net/ipv6").exists());
         let addrs = Addrs::default();
         let file = Arc::new(content_bytes(b.file_len));
-        let file_sha256 = content_sha256(b.file_len as u64);
+        // Hashing a large file takes longer than building the topology in debug
+        // builds: do it in the background; `file_sha256` waits for it.
+        let sha_job = {
+            let file = Arc::clone(&file);
+            std::thread::Builder::new()
+                .name("tb-file-sha256".into())
+                .spawn(move || -> [u8; 32] {
+                    use sha2::Digest as _;
+                    sha2::Sha256::digest(file.as_slice()).into()
+                })
+                .ok()
+        };
         let mut names = vec![
             DnsName {
                 name: "files.vpnshare.test".into(),
@@ -460,7 +472,8 @@ impl Testbed {
             addrs,
             ipv6,
             file,
-            file_sha256,
+            file_sha256: std::sync::OnceLock::new(),
+            sha_job: std::sync::Mutex::new(sha_job),
             names,
             servers: None,
             wg_phone: None,
@@ -802,14 +815,23 @@ impl Testbed {
         self.file.len() as u64
     }
 
-    /// sha256 of `/file`.
+    /// sha256 of `/file` (computed in the background since `build`; waits for it).
     pub fn file_sha256(&self) -> [u8; 32] {
-        self.file_sha256
+        *self.file_sha256.get_or_init(|| {
+            let job = self.sha_job.lock().ok().and_then(|mut j| j.take());
+            match job.map(|j| j.join()) {
+                Some(Ok(sha)) => sha,
+                _ => {
+                    use sha2::Digest as _;
+                    sha2::Sha256::digest(self.file.as_slice()).into()
+                }
+            }
+        })
     }
 
     /// sha256 of `/file`, lower-case hex.
     pub fn file_sha256_hex(&self) -> String {
-        hex(&self.file_sha256)
+        hex(&self.file_sha256())
     }
 
     /// How long `build` took.
@@ -1095,6 +1117,7 @@ impl Drop for Testbed {
                 tracing::warn!(ns, error = %e, "could not delete namespace");
             }
         }
+        tracing::debug!(id = %self.id, "testbed down");
     }
 }
 

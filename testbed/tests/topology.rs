@@ -370,3 +370,37 @@ fn cleanup_removes_namespaces_of_dead_testbeds() {
     );
     assert!(!testbed::list_namespaces().contains(&name));
 }
+
+#[test]
+fn no_namespace_has_a_link_or_route_out_of_the_testbed() {
+    let Some(tb) = testbed(1) else { return };
+    let expect: [(Node, &[&str]); 4] = [
+        (Node::Laptop, &["lan0", "lo"]),
+        (Node::Phone, &["lan0", "lo", "wan0", "wg0"]),
+        (Node::Vpn, &["inet0", "lo", "wan0", "wg0"]),
+        (Node::Internet, &["inet0", "lo"]),
+    ];
+    for (node, names) in expect {
+        let mut ifs = tb.interfaces(node).unwrap();
+        ifs.sort();
+        assert_eq!(ifs, names, "{node:?}");
+        let routes = tb.routes(node).unwrap();
+        let defaults: Vec<&String> = routes.iter().filter(|r| r.starts_with("default")).collect();
+        if node == Node::Phone {
+            // Only through the VPN interface.
+            assert!(!defaults.is_empty());
+            assert!(
+                defaults.iter().all(|r| r.contains("dev wg0")),
+                "{defaults:?}"
+            );
+        } else {
+            assert!(defaults.is_empty(), "{node:?}: {defaults:?}");
+        }
+    }
+}
+
+#[test]
+fn testbed_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Testbed>();
+}
