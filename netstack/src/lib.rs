@@ -12,6 +12,7 @@ pub mod counters;
 mod device;
 pub mod dns;
 mod egress;
+mod flows;
 pub mod fuzzing;
 pub mod packet;
 mod stack;

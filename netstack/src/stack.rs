@@ -18,6 +18,7 @@ use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::LeaseDevice;
 use crate::dns::{self, CacheKey, DnsCache};
 use crate::egress::{self, Kind};
+use crate::flows::{Expiry, FlowId, FlowKey, FlowTable};
 use crate::packet::{self, IcmpError, Parsed, Transport};
 use mio::{Interest, Token};
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -26,7 +27,7 @@ use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
     HardwareAddress, Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpListenEndpoint,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
@@ -104,8 +105,6 @@ impl PacketBatch {
     }
 }
 
-type FlowId = u64;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct TcpKey {
     lease: LeaseId,
@@ -129,7 +128,7 @@ struct PingKey {
 #[derive(Debug)]
 enum TcpState {
     /// OS connect in progress; the client's SYN waits here.
-    Connecting { syn: Vec<u8>, deadline: Instant },
+    Connecting { syn: Vec<u8> },
     /// smoltcp socket created; relaying.
     Open {
         handle: SocketHandle,
@@ -147,7 +146,6 @@ struct TcpFlow {
     os_eof: bool,
     os_shut_wr: bool,
     established: bool,
-    last_active: Instant,
 }
 
 #[derive(Debug)]
@@ -155,7 +153,6 @@ struct UdpFlow {
     key: UdpKey,
     sock: mio::net::UdpSocket,
     readable: bool,
-    last_active: Instant,
 }
 
 #[derive(Debug)]
@@ -163,7 +160,6 @@ struct PingFlow {
     key: PingKey,
     sock: mio::net::UdpSocket,
     readable: bool,
-    last_active: Instant,
 }
 
 #[derive(Debug)]
@@ -173,12 +169,31 @@ enum Flow {
     Ping(PingFlow),
 }
 
-impl Flow {
-    fn lease(&self) -> LeaseId {
-        match self {
-            Flow::Tcp(f) => f.key.lease,
-            Flow::Udp(f) => f.key.lease,
-            Flow::Ping(f) => f.key.lease,
+impl TcpKey {
+    fn flow_key(&self) -> FlowKey {
+        FlowKey::Tcp {
+            lease: self.lease,
+            client: self.client,
+            remote: self.remote,
+        }
+    }
+}
+
+impl UdpKey {
+    fn flow_key(&self) -> FlowKey {
+        FlowKey::Udp {
+            lease: self.lease,
+            client: self.client,
+        }
+    }
+}
+
+impl PingKey {
+    fn flow_key(&self) -> FlowKey {
+        FlowKey::Ping {
+            lease: self.lease,
+            client: self.client,
+            ident: self.ident,
         }
     }
 }
@@ -188,13 +203,7 @@ struct Peer {
     iface: Interface,
     sockets: SocketSet<'static>,
     dev: LeaseDevice,
-    tcp: HashSet<FlowId>,
-    dgram: HashSet<FlowId>,
-    pending_connects: usize,
-    udp_flows: usize,
-    ping_flows: usize,
     dns_pending: usize,
-    buffer_bytes: usize,
     dirty: bool,
 }
 
@@ -202,8 +211,7 @@ impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
             .field("lease", &self.lease.id)
-            .field("tcp", &self.tcp.len())
-            .field("dgram", &self.dgram.len())
+            .field("dns_pending", &self.dns_pending)
             .finish_non_exhaustive()
     }
 }
@@ -289,11 +297,7 @@ pub struct Netstack {
     events_pending: bool,
     epoch: Instant,
     peers: HashMap<LeaseId, Peer>,
-    flows: HashMap<FlowId, Flow>,
-    tcp_index: HashMap<TcpKey, FlowId>,
-    udp_index: HashMap<UdpKey, FlowId>,
-    ping_index: HashMap<PingKey, FlowId>,
-    next_flow: FlowId,
+    flows: FlowTable<Flow>,
     cache: DnsCache,
     upstreams: Vec<Upstream>,
     preferred_upstream: usize,
@@ -347,11 +351,7 @@ impl Netstack {
             events_pending: false,
             epoch: Instant::now(),
             peers: HashMap::new(),
-            flows: HashMap::new(),
-            tcp_index: HashMap::new(),
-            udp_index: HashMap::new(),
-            ping_index: HashMap::new(),
-            next_flow: 1,
+            flows: FlowTable::default(),
             upstreams,
             preferred_upstream: 0,
             dns_pending: HashMap::new(),
@@ -394,13 +394,7 @@ impl Netstack {
                 iface,
                 sockets: SocketSet::new(Vec::new()),
                 dev,
-                tcp: HashSet::new(),
-                dgram: HashSet::new(),
-                pending_connects: 0,
-                udp_flows: 0,
-                ping_flows: 0,
                 dns_pending: 0,
-                buffer_bytes: 0,
                 dirty: false,
             },
         );
@@ -409,11 +403,12 @@ impl Netstack {
 
     /// Stops serving a lease and drops all its flows (TCP peers get RST).
     pub fn remove_lease(&mut self, id: LeaseId) {
-        let Some(peer) = self.peers.remove(&id) else {
+        if self.peers.remove(&id).is_none() {
             return;
-        };
-        for fid in peer.tcp.iter().chain(peer.dgram.iter()) {
-            self.forget_flow(*fid, true);
+        }
+        let (tcp, dgram) = self.flows.lease_flows(id);
+        for fid in tcp.into_iter().chain(dgram) {
+            self.forget_flow(fid, true);
         }
         self.dns_pending.retain(|_, p| p.lease != id);
     }
@@ -430,8 +425,7 @@ impl Netstack {
         if available {
             return;
         }
-        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
-        for id in ids {
+        for id in self.flows.ids() {
             self.close_flow_abortively(id);
         }
         let pending: Vec<u16> = self.dns_pending.keys().copied().collect();
@@ -467,11 +461,12 @@ impl Netstack {
     /// A snapshot of the counters.
     pub fn counters(&self) -> Counters {
         let mut c = self.counters.clone();
-        for p in self.peers.values() {
-            c.tcp_flows += p.tcp.len() as u64;
-            c.pending_connects += p.pending_connects as u64;
-            c.udp_flows += p.udp_flows as u64;
-            c.ping_flows += p.ping_flows as u64;
+        for id in self.peers.keys() {
+            let u = self.flows.usage(*id);
+            c.tcp_flows += u.tcp as u64;
+            c.pending_connects += u.pending_connects as u64;
+            c.udp_flows += u.udp as u64;
+            c.ping_flows += u.ping as u64;
         }
         c
     }
@@ -479,13 +474,14 @@ impl Netstack {
     /// What one lease uses now.
     pub fn lease_stats(&self, id: LeaseId) -> Option<LeaseStats> {
         let p = self.peers.get(&id)?;
+        let u = self.flows.usage(id);
         Some(LeaseStats {
-            tcp_flows: p.tcp.len(),
-            pending_connects: p.pending_connects,
-            udp_flows: p.udp_flows,
-            ping_flows: p.ping_flows,
+            tcp_flows: u.tcp,
+            pending_connects: u.pending_connects,
+            udp_flows: u.udp,
+            ping_flows: u.ping,
             dns_pending: p.dns_pending,
-            buffer_bytes: p.buffer_bytes,
+            buffer_bytes: u.buffer_bytes,
             inbound_queue_bytes: p.dev.rx.bytes(),
             outbound_queue_bytes: p.dev.tx.bytes(),
         })
@@ -586,30 +582,23 @@ impl Netstack {
         }
     }
 
-    fn alloc_flow_id(&mut self) -> FlowId {
-        let id = self.next_flow;
-        self.next_flow = self.next_flow.wrapping_add(1).max(1);
-        id
-    }
-
-    fn refuse_new_flow(&mut self, lease: LeaseId, pkt: &[u8], reason: DropReason) -> bool {
-        let total_full = self.flows.len() >= self.config.caps.max_total_flows;
-        let (refuse, reason) = if !self.egress_available {
-            (true, DropReason::EgressUnavailable)
-        } else if total_full {
-            (true, DropReason::TotalFlowCap)
-        } else {
-            (false, reason)
-        };
-        if refuse {
-            self.counters.drop(reason);
-            if reason == DropReason::EgressUnavailable
-                && let Some(peer) = self.peers.get_mut(&lease)
-            {
+    /// Whether a new flow may be created: egress up (else ICMP unreachable) and
+    /// within the caps (else a counted silent drop; the client retries or gives up).
+    fn admit(&mut self, key: &FlowKey, pkt: &[u8]) -> bool {
+        if !self.egress_available {
+            self.counters.drop(DropReason::EgressUnavailable);
+            if let Some(peer) = self.peers.get_mut(&key.lease()) {
                 peer.icmp_error(&mut self.counters, pkt, IcmpError::NetUnreachable);
             }
+            return false;
         }
-        refuse
+        match self.flows.admit(key, &self.config.caps) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.counters.drop(reason);
+                false
+            }
+        }
     }
 
     // ---------------------------------------------------------------- TCP
@@ -620,16 +609,11 @@ impl Netstack {
             client: SocketAddr::new(p.src, p.src_port()),
             remote: SocketAddr::new(p.dst, p.dst_port()),
         };
-        if let Some(&id) = self.tcp_index.get(&key) {
-            let connecting = matches!(
-                self.flows.get(&id),
-                Some(Flow::Tcp(TcpFlow {
-                    state: TcpState::Connecting { .. },
-                    ..
-                }))
-            );
+        if let Some(id) = self.flows.lookup(&key.flow_key()) {
             // A retransmitted SYN while the OS connect runs: the held one answers it.
-            if !connecting && let Some(peer) = self.peers.get_mut(&lease) {
+            if !self.flows.is_connecting(id)
+                && let Some(peer) = self.peers.get_mut(&lease)
+            {
                 peer.queue_for_smoltcp(&mut self.counters, pkt);
             }
             return;
@@ -642,28 +626,17 @@ impl Netstack {
             peer.queue_for_smoltcp(&mut self.counters, pkt);
             return;
         }
-        if self.refuse_new_flow(lease, pkt, DropReason::TcpFlowCap) {
-            return;
-        }
-        let Some(peer) = self.peers.get_mut(&lease) else {
-            return;
-        };
-        let caps = &self.config.caps;
-        if peer.tcp.len() >= caps.max_tcp_flows {
-            self.counters.drop(DropReason::TcpFlowCap);
-            return;
-        }
-        if peer.pending_connects >= caps.max_pending_connects {
-            self.counters.drop(DropReason::PendingConnectCap);
-            return;
-        }
+        let to_dns = peer.is_dns(p.dst, key.remote.port());
         if !packet::tcp_checksum_ok(pkt, p.src, p.dst) {
             self.counters.drop(DropReason::Malformed);
             return;
         }
+        if !self.admit(&key.flow_key(), pkt) {
+            return;
+        }
         // TCP DNS to the lease's DNS address goes to the first upstream.
         let target = match self.upstreams.first() {
-            Some(up) if peer.is_dns(p.dst, key.remote.port()) => up.addr,
+            Some(up) if to_dns => up.addr,
             _ => key.remote,
         };
         let mut stream = match egress::tcp_connect(target, &self.config.egress) {
@@ -673,38 +646,30 @@ impl Netstack {
                 return;
             }
         };
-        let id = self.alloc_flow_id();
-        if let Err(e) = self.poll.registry().register(
+        let registered = self.poll.registry().register(
             &mut stream,
-            Token(id as usize),
+            Token(self.flows.next_id() as usize),
             Interest::READABLE | Interest::WRITABLE,
-        ) {
+        );
+        if let Err(e) = registered {
             tracing::warn!(error = %e, "cannot register a TCP socket");
             self.counters.drop(DropReason::SendFailed);
             return;
         }
-        let Some(peer) = self.peers.get_mut(&lease) else {
-            return;
-        };
-        peer.pending_connects += 1;
-        peer.tcp.insert(id);
-        self.tcp_index.insert(key, id);
         self.flows.insert(
-            id,
+            key.flow_key(),
             Flow::Tcp(TcpFlow {
                 key,
                 stream,
-                state: TcpState::Connecting {
-                    syn: pkt.to_vec(),
-                    deadline: now + self.config.timeouts.tcp_connect,
-                },
+                state: TcpState::Connecting { syn: pkt.to_vec() },
                 readable: false,
                 writable: false,
                 os_eof: false,
                 os_shut_wr: false,
                 established: false,
-                last_active: now,
             }),
+            now,
+            Some(now + self.config.timeouts.tcp_connect),
         );
         self.schedule_sweep(now);
     }
@@ -728,7 +693,7 @@ impl Netstack {
 
     /// The OS connect of flow `id` finished (or an event arrived while connecting).
     fn tcp_connect_event(&mut self, id: FlowId, now: Instant) {
-        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else {
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
             return;
         };
         let result = match flow.stream.take_error() {
@@ -756,20 +721,24 @@ impl Netstack {
     fn tcp_open(&mut self, id: FlowId, syn: Vec<u8>, now: Instant) {
         let smol_now = self.smol(now);
         let bufsize = self.config.tcp_buffer_size;
-        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else {
-            return;
-        };
-        let lease = flow.key.lease;
-        let Some(peer) = self.peers.get_mut(&lease) else {
-            return;
-        };
         let need = bufsize.saturating_mul(2);
-        if peer.buffer_bytes.saturating_add(need) > self.config.caps.max_buffer_bytes {
-            self.counters.drop(DropReason::BufferCap);
-            peer.queue_for_smoltcp(&mut self.counters, &syn); // no listener: RST
+        let Some(key) = self.flows.key(id) else {
+            return;
+        };
+        if let Err(reason) = self.flows.connected(id, need, &self.config.caps, now) {
+            self.counters.drop(reason);
+            if let Some(peer) = self.peers.get_mut(&key.lease()) {
+                peer.queue_for_smoltcp(&mut self.counters, &syn); // no listener: RST
+            }
             self.forget_flow(id, true);
             return;
         }
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&flow.key.lease) else {
+            return;
+        };
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; bufsize]),
             tcp::SocketBuffer::new(vec![0; bufsize]),
@@ -785,8 +754,6 @@ impl Netstack {
         }
         sock.set_nagle_enabled(false);
         let handle = peer.sockets.add(sock);
-        peer.buffer_bytes += need;
-        peer.pending_connects = peer.pending_connects.saturating_sub(1);
         flow.state = TcpState::Open {
             handle,
             opened: now,
@@ -795,7 +762,6 @@ impl Netstack {
         // both ways ready until the OS says would-block.
         flow.readable = true;
         flow.writable = true;
-        flow.last_active = now;
         self.counters.tcp_connected += 1;
         // The SYN goes in and is processed at once, before any other listener for the
         // same destination can exist.
@@ -806,48 +772,26 @@ impl Netstack {
 
     /// Drops a flow's state (sockets closed; `abortive`: TCP peer gets RST).
     fn forget_flow(&mut self, id: FlowId, abortive: bool) {
-        let Some(flow) = self.flows.remove(&id) else {
+        let Some((key, flow)) = self.flows.remove(id) else {
             return;
         };
-        let lease = flow.lease();
-        let peer = self.peers.get_mut(&lease);
         match flow {
             Flow::Tcp(mut f) => {
-                self.tcp_index.remove(&f.key);
                 let _ = self.poll.registry().deregister(&mut f.stream);
                 if abortive {
                     egress::set_abortive(&f.stream);
                 }
-                if let Some(peer) = peer {
-                    peer.tcp.remove(&id);
-                    match f.state {
-                        TcpState::Connecting { .. } => {
-                            peer.pending_connects = peer.pending_connects.saturating_sub(1)
-                        }
-                        TcpState::Open { handle, .. } => {
-                            peer.sockets.remove(handle);
-                            peer.buffer_bytes = peer
-                                .buffer_bytes
-                                .saturating_sub(self.config.tcp_buffer_size.saturating_mul(2));
-                        }
-                    }
+                if let TcpState::Open { handle, .. } = f.state
+                    && let Some(peer) = self.peers.get_mut(&key.lease())
+                {
+                    peer.sockets.remove(handle);
                 }
             }
             Flow::Udp(mut f) => {
-                self.udp_index.remove(&f.key);
                 let _ = self.poll.registry().deregister(&mut f.sock);
-                if let Some(peer) = peer {
-                    peer.dgram.remove(&id);
-                    peer.udp_flows = peer.udp_flows.saturating_sub(1);
-                }
             }
             Flow::Ping(mut f) => {
-                self.ping_index.remove(&f.key);
                 let _ = self.poll.registry().deregister(&mut f.sock);
-                if let Some(peer) = peer {
-                    peer.dgram.remove(&id);
-                    peer.ping_flows = peer.ping_flows.saturating_sub(1);
-                }
             }
         }
     }
@@ -855,7 +799,7 @@ impl Netstack {
     /// Closes a flow now: TCP flows are aborted (RST both ways), connecting ones get
     /// ICMP unreachable, datagram mappings are dropped.
     fn close_flow_abortively(&mut self, id: FlowId) {
-        match self.flows.get_mut(&id) {
+        match self.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
                 let lease = flow.key.lease;
                 match &mut flow.state {
@@ -896,17 +840,10 @@ impl Netstack {
         now: Instant,
     ) {
         let key = UdpKey { lease, client };
-        let id = match self.udp_index.get(&key) {
-            Some(&id) => id,
+        let id = match self.flows.lookup(&key.flow_key()) {
+            Some(id) => id,
             None => {
-                if self.refuse_new_flow(lease, pkt, DropReason::UdpMappingCap) {
-                    return;
-                }
-                let Some(peer) = self.peers.get(&lease) else {
-                    return;
-                };
-                if peer.udp_flows >= self.config.caps.max_udp_mappings {
-                    self.counters.drop(DropReason::UdpMappingCap);
+                if !self.admit(&key.flow_key(), pkt) {
                     return;
                 }
                 let mut sock =
@@ -918,39 +855,30 @@ impl Netstack {
                             return;
                         }
                     };
-                let id = self.alloc_flow_id();
+                let token = Token(self.flows.next_id() as usize);
                 if self
                     .poll
                     .registry()
-                    .register(&mut sock, Token(id as usize), Interest::READABLE)
+                    .register(&mut sock, token, Interest::READABLE)
                     .is_err()
                 {
                     self.counters.drop(DropReason::SendFailed);
                     return;
                 }
-                let Some(peer) = self.peers.get_mut(&lease) else {
-                    return;
-                };
-                peer.udp_flows += 1;
-                peer.dgram.insert(id);
-                self.udp_index.insert(key, id);
-                self.flows.insert(
-                    id,
-                    Flow::Udp(UdpFlow {
-                        key,
-                        sock,
-                        readable: false,
-                        last_active: now,
-                    }),
-                );
+                let flow = Flow::Udp(UdpFlow {
+                    key,
+                    sock,
+                    readable: false,
+                });
+                let id = self.flows.insert(key.flow_key(), flow, now, None);
                 self.schedule_sweep(now);
                 id
             }
         };
-        let Some(Flow::Udp(flow)) = self.flows.get_mut(&id) else {
+        self.flows.touch(id, now);
+        let Some(Flow::Udp(flow)) = self.flows.get_mut(id) else {
             return;
         };
-        flow.last_active = now;
         match flow.sock.send_to(data, remote) {
             Ok(_) => {}
             Err(e) if is_would_block(&e) => self.counters.drop(DropReason::SendFailed),
@@ -985,45 +913,47 @@ impl Netstack {
             Udp(SocketAddr),
             Ping(IpAddr, u16),
         }
-        let Some(flow) = self.flows.get_mut(&id) else {
+        let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        let (sock, readable, last_active, lease, target) = match flow {
+        let (sock, readable, lease, target) = match flow {
             Flow::Udp(f) => (
                 &f.sock,
                 &mut f.readable,
-                &mut f.last_active,
                 f.key.lease,
                 Target::Udp(f.key.client),
             ),
             Flow::Ping(f) => (
                 &f.sock,
                 &mut f.readable,
-                &mut f.last_active,
                 f.key.lease,
                 Target::Ping(f.key.client, f.key.ident),
             ),
             Flow::Tcp(_) => return,
         };
+        let mut active = false;
         let Some(peer) = self.peers.get_mut(&lease) else {
             return;
         };
         let mtu = usize::from(peer.lease.mtu);
+        let mut exhausted = true;
         for _ in 0..DGRAM_BUDGET {
             if !*readable || !peer.dev.tx.has_room(mtu) {
-                return;
+                exhausted = false;
+                break;
             }
             let (n, from) = match sock.recv_from(&mut self.scratch) {
                 Ok(r) => r,
                 Err(e) if is_would_block(&e) => {
                     *readable = false;
-                    return;
+                    exhausted = false;
+                    break;
                 }
                 // A queued socket error (an ICMP error for an earlier datagram): it is
                 // consumed by this read; go on reading.
                 Err(_) => continue,
             };
-            *last_active = now;
+            active = true;
             let data = self.scratch.get(..n).unwrap_or(&[]);
             match target {
                 Target::Udp(client) => {
@@ -1056,8 +986,11 @@ impl Netstack {
                 }
             }
         }
+        if active {
+            self.flows.touch(id, now);
+        }
         // Budget spent with data left: come back at once.
-        self.more_work = true;
+        self.more_work |= exhausted;
     }
 
     // ---------------------------------------------------------------- ICMP echo
@@ -1082,17 +1015,10 @@ impl Netstack {
             client: p.src,
             ident,
         };
-        let id = match self.ping_index.get(&key) {
-            Some(&id) => id,
+        let id = match self.flows.lookup(&key.flow_key()) {
+            Some(id) => id,
             None => {
-                if self.refuse_new_flow(lease, pkt, DropReason::PingMappingCap) {
-                    return;
-                }
-                let Some(peer) = self.peers.get(&lease) else {
-                    return;
-                };
-                if peer.ping_flows >= self.config.caps.max_ping_mappings {
-                    self.counters.drop(DropReason::PingMappingCap);
+                if !self.admit(&key.flow_key(), pkt) {
                     return;
                 }
                 let mut sock =
@@ -1111,39 +1037,30 @@ impl Netstack {
                             return;
                         }
                     };
-                let id = self.alloc_flow_id();
+                let token = Token(self.flows.next_id() as usize);
                 if self
                     .poll
                     .registry()
-                    .register(&mut sock, Token(id as usize), Interest::READABLE)
+                    .register(&mut sock, token, Interest::READABLE)
                     .is_err()
                 {
                     self.counters.drop(DropReason::SendFailed);
                     return;
                 }
-                let Some(peer) = self.peers.get_mut(&lease) else {
-                    return;
-                };
-                peer.ping_flows += 1;
-                peer.dgram.insert(id);
-                self.ping_index.insert(key, id);
-                self.flows.insert(
-                    id,
-                    Flow::Ping(PingFlow {
-                        key,
-                        sock,
-                        readable: false,
-                        last_active: now,
-                    }),
-                );
+                let flow = Flow::Ping(PingFlow {
+                    key,
+                    sock,
+                    readable: false,
+                });
+                let id = self.flows.insert(key.flow_key(), flow, now, None);
                 self.schedule_sweep(now);
                 id
             }
         };
-        let Some(Flow::Ping(flow)) = self.flows.get_mut(&id) else {
+        self.flows.touch(id, now);
+        let Some(Flow::Ping(flow)) = self.flows.get_mut(id) else {
             return;
         };
-        flow.last_active = now;
         // The kernel fills in the identifier (the socket's "port") and the checksum.
         let mut msg = Vec::with_capacity(8 + data.len());
         msg.extend_from_slice(&[if p.src.is_ipv6() { 128 } else { 8 }, 0, 0, 0]);
@@ -1433,7 +1350,7 @@ impl Netstack {
                 continue;
             }
             let id = token.0 as FlowId;
-            let lease = match self.flows.get_mut(&id) {
+            let lease = match self.flows.get_mut(id) {
                 Some(Flow::Tcp(f)) => {
                     if matches!(f.state, TcpState::Connecting { .. }) {
                         self.tcp_connect_event(id, now);
@@ -1464,10 +1381,7 @@ impl Netstack {
     /// interface.
     fn service_peer(&mut self, lease: LeaseId, now: Instant) {
         let smol_now = self.smol(now);
-        let Some(peer) = self.peers.get_mut(&lease) else {
-            return;
-        };
-        let dgram: Vec<FlowId> = peer.dgram.iter().copied().collect();
+        let (tcp_ids, dgram) = self.flows.lease_flows(lease);
         for id in dgram {
             self.dgram_read(id, now);
         }
@@ -1475,12 +1389,14 @@ impl Netstack {
             return;
         };
         peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
-        let tcp_ids: Vec<FlowId> = peer.tcp.iter().copied().collect();
         for _ in 0..RELAY_ROUNDS {
             let mut moved = false;
             for &id in &tcp_ids {
-                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
-                    moved |= relay(flow, &mut peer.sockets, now);
+                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id)
+                    && relay(flow, &mut peer.sockets)
+                {
+                    moved = true;
+                    self.flows.touch(id, now);
                 }
             }
             peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
@@ -1490,7 +1406,7 @@ impl Netstack {
         }
         let mut finished = Vec::new();
         for &id in &tcp_ids {
-            if let Some(Flow::Tcp(flow)) = self.flows.get(&id)
+            if let Some(Flow::Tcp(flow)) = self.flows.get(id)
                 && let Some(abortive) = finished_state(flow, &peer.sockets, now)
             {
                 finished.push((id, abortive));
@@ -1502,33 +1418,15 @@ impl Netstack {
     }
 
     fn sweep(&mut self, now: Instant) {
-        let t = &self.config.timeouts;
-        let mut expired = Vec::new();
-        for (&id, flow) in &self.flows {
-            let done = match flow {
-                Flow::Tcp(f) => match &f.state {
-                    TcpState::Connecting { deadline, .. } => *deadline <= now,
-                    TcpState::Open { .. } => now.duration_since(f.last_active) >= t.tcp_idle,
-                },
-                Flow::Udp(f) => now.duration_since(f.last_active) >= t.udp_idle,
-                Flow::Ping(f) => now.duration_since(f.last_active) >= t.ping_idle,
-            };
-            if done {
-                expired.push(id);
-            }
-        }
-        for id in expired {
-            let connecting = matches!(
-                self.flows.get(&id),
-                Some(Flow::Tcp(TcpFlow {
-                    state: TcpState::Connecting { .. },
-                    ..
-                }))
-            );
-            if connecting {
-                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id)
-                    && let TcpState::Connecting { syn, .. } = &mut flow.state
-                {
+        for (id, why) in self.flows.expired(now, &self.config.timeouts) {
+            match why {
+                Expiry::ConnectTimeout => {
+                    let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
+                        continue;
+                    };
+                    let TcpState::Connecting { syn } = &mut flow.state else {
+                        continue;
+                    };
                     let syn = std::mem::take(syn);
                     let lease = flow.key.lease;
                     self.forget_flow(id, true);
@@ -1537,9 +1435,10 @@ impl Netstack {
                         peer.icmp_error(&mut self.counters, &syn, IcmpError::HostUnreachable);
                     }
                 }
-            } else {
-                self.counters.idle_timeouts += 1;
-                self.close_flow_abortively(id);
+                Expiry::Idle => {
+                    self.counters.idle_timeouts += 1;
+                    self.close_flow_abortively(id);
+                }
             }
         }
         let late: Vec<u16> = self
@@ -1565,7 +1464,7 @@ fn std_time(epoch: Instant, t: SmolInstant) -> Instant {
 
 /// Moves data both ways between a flow's OS socket and its smoltcp socket, as far as
 /// each side's buffers allow. Returns whether anything moved.
-fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>, now: Instant) -> bool {
+fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
     let TcpState::Open { handle, .. } = flow.state else {
         return false;
     };
@@ -1649,9 +1548,6 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>, now: Instant) -> 
                 return true;
             }
         }
-    }
-    if moved {
-        flow.last_active = now;
     }
     moved
 }

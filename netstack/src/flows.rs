@@ -1,0 +1,436 @@
+//! Sans-IO flow table: flow keys and their index (no scan of every socket to find a
+//! flow), per-lease accounting against the caps, and timeouts. It is fed keys and
+//! `now`; the I/O side (`stack.rs`) keeps its sockets in the `T` of each entry.
+
+use crate::config::{Caps, Timeouts};
+use crate::counters::DropReason;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+use vshp::lease::LeaseId;
+
+/// Identifies a flow inside one netstack (also its mio token).
+pub(crate) type FlowId = u64;
+
+/// What a flow is, by protocol. UDP and ICMP echo keys carry only the client side:
+/// the mappings are endpoint-independent (RFC 4787), one OS socket per client
+/// address:port (or echo identifier) whatever the destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum FlowKey {
+    Tcp {
+        lease: LeaseId,
+        client: SocketAddr,
+        remote: SocketAddr,
+    },
+    Udp {
+        lease: LeaseId,
+        client: SocketAddr,
+    },
+    Ping {
+        lease: LeaseId,
+        client: IpAddr,
+        ident: u16,
+    },
+}
+
+impl FlowKey {
+    pub fn lease(&self) -> LeaseId {
+        match *self {
+            FlowKey::Tcp { lease, .. }
+            | FlowKey::Udp { lease, .. }
+            | FlowKey::Ping { lease, .. } => lease,
+        }
+    }
+
+    fn is_tcp(&self) -> bool {
+        matches!(self, FlowKey::Tcp { .. })
+    }
+}
+
+/// What one lease holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    pub tcp: usize,
+    pub pending_connects: usize,
+    pub udp: usize,
+    pub ping: usize,
+    pub buffer_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct LeaseFlows {
+    tcp: HashSet<FlowId>,
+    dgram: HashSet<FlowId>,
+    usage: Usage,
+}
+
+/// Why a flow's time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// The OS connect did not finish in time.
+    ConnectTimeout,
+    /// No traffic for the idle timeout of its protocol.
+    Idle,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    key: FlowKey,
+    /// `Some(deadline)` while a TCP connect is pending.
+    connect_deadline: Option<Instant>,
+    last_active: Instant,
+    buffer_bytes: usize,
+    io: T,
+}
+
+/// The flows of every lease, indexed by key and by lease.
+#[derive(Debug)]
+pub(crate) struct FlowTable<T> {
+    entries: HashMap<FlowId, Entry<T>>,
+    index: HashMap<FlowKey, FlowId>,
+    leases: HashMap<LeaseId, LeaseFlows>,
+    next: FlowId,
+}
+
+impl<T> Default for FlowTable<T> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            index: HashMap::new(),
+            leases: HashMap::new(),
+            next: 1,
+        }
+    }
+}
+
+impl<T> FlowTable<T> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The id the next [`insert`](Self::insert) will return (to register its socket
+    /// under that token first).
+    pub fn next_id(&self) -> FlowId {
+        self.next
+    }
+
+    /// The flow with this key, if any (a hash lookup).
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowId> {
+        self.index.get(key).copied()
+    }
+
+    /// Whether a new flow with this key fits the caps (checked before any socket is
+    /// created). The order of the checks decides which reason is counted.
+    pub fn admit(&self, key: &FlowKey, caps: &Caps) -> Result<(), DropReason> {
+        if self.entries.len() >= caps.max_total_flows {
+            return Err(DropReason::TotalFlowCap);
+        }
+        let usage = self.usage(key.lease());
+        match key {
+            FlowKey::Tcp { .. } => {
+                if usage.tcp >= caps.max_tcp_flows {
+                    Err(DropReason::TcpFlowCap)
+                } else if usage.pending_connects >= caps.max_pending_connects {
+                    Err(DropReason::PendingConnectCap)
+                } else {
+                    Ok(())
+                }
+            }
+            FlowKey::Udp { .. } if usage.udp >= caps.max_udp_mappings => {
+                Err(DropReason::UdpMappingCap)
+            }
+            FlowKey::Ping { .. } if usage.ping >= caps.max_ping_mappings => {
+                Err(DropReason::PingMappingCap)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds a flow (after [`admit`](Self::admit)). A TCP flow starts with its connect
+    /// pending until `connect_deadline`.
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        io: T,
+        now: Instant,
+        connect_deadline: Option<Instant>,
+    ) -> FlowId {
+        let id = self.next;
+        self.next = self.next.wrapping_add(1).max(1);
+        let lf = self.leases.entry(key.lease()).or_default();
+        match key {
+            FlowKey::Tcp { .. } => {
+                lf.tcp.insert(id);
+                lf.usage.tcp += 1;
+                if connect_deadline.is_some() {
+                    lf.usage.pending_connects += 1;
+                }
+            }
+            FlowKey::Udp { .. } => {
+                lf.dgram.insert(id);
+                lf.usage.udp += 1;
+            }
+            FlowKey::Ping { .. } => {
+                lf.dgram.insert(id);
+                lf.usage.ping += 1;
+            }
+        }
+        self.index.insert(key, id);
+        self.entries.insert(
+            id,
+            Entry {
+                key,
+                connect_deadline: connect_deadline.filter(|_| key.is_tcp()),
+                last_active: now,
+                buffer_bytes: 0,
+                io,
+            },
+        );
+        id
+    }
+
+    /// A pending TCP connect succeeded: the flow now needs `buffer_bytes` of smoltcp
+    /// buffers. Fails (flow unchanged) when that exceeds the lease's buffer cap.
+    pub fn connected(
+        &mut self,
+        id: FlowId,
+        buffer_bytes: usize,
+        caps: &Caps,
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return Err(DropReason::Malformed);
+        };
+        let lf = self.leases.entry(e.key.lease()).or_default();
+        if lf.usage.buffer_bytes.saturating_add(buffer_bytes) > caps.max_buffer_bytes {
+            return Err(DropReason::BufferCap);
+        }
+        if e.connect_deadline.take().is_some() {
+            lf.usage.pending_connects = lf.usage.pending_connects.saturating_sub(1);
+        }
+        lf.usage.buffer_bytes += buffer_bytes;
+        e.buffer_bytes = buffer_bytes;
+        e.last_active = now;
+        Ok(())
+    }
+
+    /// Whether the flow's TCP connect is still pending.
+    pub fn is_connecting(&self, id: FlowId) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| e.connect_deadline.is_some())
+    }
+
+    /// Notes traffic on a flow.
+    pub fn touch(&mut self, id: FlowId, now: Instant) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.last_active = now;
+        }
+    }
+
+    pub fn key(&self, id: FlowId) -> Option<FlowKey> {
+        self.entries.get(&id).map(|e| e.key)
+    }
+
+    pub fn get(&self, id: FlowId) -> Option<&T> {
+        self.entries.get(&id).map(|e| &e.io)
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut T> {
+        self.entries.get_mut(&id).map(|e| &mut e.io)
+    }
+
+    /// Removes a flow and releases what it counted against its lease.
+    pub fn remove(&mut self, id: FlowId) -> Option<(FlowKey, T)> {
+        let e = self.entries.remove(&id)?;
+        self.index.remove(&e.key);
+        let lease = e.key.lease();
+        if let Some(lf) = self.leases.get_mut(&lease) {
+            let u = &mut lf.usage;
+            match e.key {
+                FlowKey::Tcp { .. } => {
+                    lf.tcp.remove(&id);
+                    u.tcp = u.tcp.saturating_sub(1);
+                    if e.connect_deadline.is_some() {
+                        u.pending_connects = u.pending_connects.saturating_sub(1);
+                    }
+                }
+                FlowKey::Udp { .. } => {
+                    lf.dgram.remove(&id);
+                    u.udp = u.udp.saturating_sub(1);
+                }
+                FlowKey::Ping { .. } => {
+                    lf.dgram.remove(&id);
+                    u.ping = u.ping.saturating_sub(1);
+                }
+            }
+            u.buffer_bytes = u.buffer_bytes.saturating_sub(e.buffer_bytes);
+            if lf.tcp.is_empty() && lf.dgram.is_empty() {
+                self.leases.remove(&lease);
+            }
+        }
+        Some((e.key, e.io))
+    }
+
+    /// The flows of a lease: (TCP, datagram).
+    pub fn lease_flows(&self, lease: LeaseId) -> (Vec<FlowId>, Vec<FlowId>) {
+        match self.leases.get(&lease) {
+            Some(lf) => (
+                lf.tcp.iter().copied().collect(),
+                lf.dgram.iter().copied().collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    pub fn usage(&self, lease: LeaseId) -> Usage {
+        self.leases
+            .get(&lease)
+            .map(|lf| lf.usage.clone())
+            .unwrap_or_default()
+    }
+
+    /// All flow ids (for closing everything).
+    pub fn ids(&self) -> Vec<FlowId> {
+        self.entries.keys().copied().collect()
+    }
+
+    /// Flows whose time is up at `now`.
+    pub fn expired(&self, now: Instant, t: &Timeouts) -> Vec<(FlowId, Expiry)> {
+        self.entries
+            .iter()
+            .filter_map(|(&id, e)| {
+                if let Some(deadline) = e.connect_deadline {
+                    return (deadline <= now).then_some((id, Expiry::ConnectTimeout));
+                }
+                let idle = match e.key {
+                    FlowKey::Tcp { .. } => t.tcp_idle,
+                    FlowKey::Udp { .. } => t.udp_idle,
+                    FlowKey::Ping { .. } => t.ping_idle,
+                };
+                (now.saturating_duration_since(e.last_active) >= idle).then_some((id, Expiry::Idle))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn tcp(lease: u64, port: u16) -> FlowKey {
+        FlowKey::Tcp {
+            lease: LeaseId(lease),
+            client: SocketAddr::from(([100, 64, 0, 2], port)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+        }
+    }
+
+    fn udp(lease: u64, port: u16) -> FlowKey {
+        FlowKey::Udp {
+            lease: LeaseId(lease),
+            client: SocketAddr::from(([100, 64, 0, 2], port)),
+        }
+    }
+
+    #[test]
+    fn lookup_is_by_key() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let a = t.insert(tcp(1, 1000), "a", now, None);
+        let b = t.insert(udp(1, 1000), "b", now, None);
+        assert_ne!(a, b);
+        assert_eq!(t.lookup(&tcp(1, 1000)), Some(a));
+        assert_eq!(t.lookup(&udp(1, 1000)), Some(b));
+        assert_eq!(t.lookup(&tcp(2, 1000)), None);
+        assert_eq!(t.remove(a).map(|(_, v)| v), Some("a"));
+        assert_eq!(t.lookup(&tcp(1, 1000)), None);
+    }
+
+    #[test]
+    fn caps_are_per_lease() {
+        let now = Instant::now();
+        let caps = Caps {
+            max_tcp_flows: 3,
+            max_pending_connects: 2,
+            max_udp_mappings: 1,
+            max_buffer_bytes: 100,
+            ..Caps::default()
+        };
+        let mut t = FlowTable::default();
+        let later = Some(now + Duration::from_secs(1));
+        let a = t.insert(tcp(1, 1), (), now, later);
+        t.insert(tcp(1, 2), (), now, later);
+        assert_eq!(
+            t.admit(&tcp(1, 3), &caps),
+            Err(DropReason::PendingConnectCap)
+        );
+        assert_eq!(
+            t.admit(&tcp(2, 3), &caps),
+            Ok(()),
+            "another lease is not affected"
+        );
+        t.connected(a, 60, &caps, now).unwrap();
+        t.insert(tcp(1, 3), (), now, later);
+        assert_eq!(t.admit(&tcp(1, 4), &caps), Err(DropReason::TcpFlowCap));
+        assert_eq!(
+            t.connected(t.lookup(&tcp(1, 2)).unwrap(), 60, &caps, now),
+            Err(DropReason::BufferCap)
+        );
+        t.insert(udp(1, 9), (), now, None);
+        assert_eq!(t.admit(&udp(1, 10), &caps), Err(DropReason::UdpMappingCap));
+        let u = t.usage(LeaseId(1));
+        assert_eq!(
+            (u.tcp, u.pending_connects, u.udp, u.buffer_bytes),
+            (3, 2, 1, 60)
+        );
+        for id in t.ids() {
+            t.remove(id);
+        }
+        assert_eq!(t.usage(LeaseId(1)), Usage::default());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn total_cap_applies_across_leases() {
+        let now = Instant::now();
+        let caps = Caps {
+            max_total_flows: 2,
+            ..Caps::default()
+        };
+        let mut t = FlowTable::default();
+        t.insert(udp(1, 1), (), now, None);
+        t.insert(udp(2, 1), (), now, None);
+        assert_eq!(t.admit(&udp(3, 1), &caps), Err(DropReason::TotalFlowCap));
+    }
+
+    #[test]
+    fn expiry_by_connect_deadline_and_idleness() {
+        let now = Instant::now();
+        let timeouts = Timeouts::default();
+        let mut t = FlowTable::default();
+        let c = t.insert(tcp(1, 1), (), now, Some(now + timeouts.tcp_connect));
+        let u = t.insert(udp(1, 1), (), now, None);
+        assert!(t.expired(now, &timeouts).is_empty());
+        let e = t.expired(now + timeouts.tcp_connect, &timeouts);
+        assert_eq!(e, vec![(c, Expiry::ConnectTimeout)]);
+        t.touch(u, now + Duration::from_secs(100));
+        assert!(
+            t.expired(now + timeouts.udp_idle, &timeouts)
+                .iter()
+                .all(|(id, _)| *id != u)
+        );
+        assert!(
+            t.expired(
+                now + Duration::from_secs(100) + timeouts.udp_idle,
+                &timeouts
+            )
+            .contains(&(u, Expiry::Idle))
+        );
+    }
+}
