@@ -2,10 +2,9 @@
 //! key from an invite), run by snow, wrapped in VSHP handshake records.
 //!
 //! The client is always the Noise initiator ([`Initiator`]), the gateway the responder
-//! ([`Responder`]). The responder's static-key DHs go through a
-//! [`StaticKeyOracle`](crate::key_oracle::StaticKeyOracle), so the gateway's private key
-//! can stay in the broker. Payloads are opaque bytes here (inner messages encoded by
-//! [`crate::message`]).
+//! ([`Responder`]). The responder's static-key DHs go through a [`StaticKeyOracle`], so
+//! the gateway's private key can stay in the broker. Payloads are opaque bytes here
+//! (inner messages encoded by [`crate::message`]).
 //!
 //! Message flow (record kinds):
 //! ```text
