@@ -868,63 +868,22 @@ impl Testbed {
         netns::in_netns(&self.ns(node), f)
     }
 
-    /// Spawns `cmd` inside `node`, as `ip netns exec` does: the child enters the
-    /// network namespace and gets a private mount namespace with `/sys` remounted, so
-    /// `/sys/class/net` shows that namespace's interfaces. Stdio and environment are
-    /// `cmd`'s own. The testbed's drop SIGKILLs whatever still runs in its namespaces;
-    /// wait for your children before that.
+    /// Spawns `cmd` inside `node`, as `ip netns exec` does: the child starts in the
+    /// network namespace, in a private mount namespace where `/sys` is that network
+    /// namespace's sysfs (so `/sys/class/net` shows its interfaces). The spawn happens
+    /// on a thread that entered both namespaces, so nothing runs between fork and exec
+    /// and `cmd`'s own settings all apply (stdio, environment, `uid`/`gid` to run an
+    /// unprivileged gateway). The testbed's drop SIGKILLs whatever still runs in its
+    /// namespaces; wait for your children before that.
     pub fn run_in(&self, node: Node, cmd: &mut Command) -> Result<Child, Error> {
-        use std::os::fd::AsRawFd as _;
-        use std::os::unix::process::CommandExt as _;
-
         let ns = self.ns(node);
-        let file = std::fs::File::open(netns::netns_path(&ns)).map_err(|source| Error::Io {
-            what: format!("opening namespace {ns}"),
-            source,
-        })?;
-        let sysfs_source =
-            std::ffi::CString::new(ns.clone()).map_err(|_| Error::Parse(ns.clone()))?;
-        let pre = move || -> std::io::Result<()> {
-            // Only raw system calls on memory prepared before fork: this runs between
-            // fork and exec.
-            // SAFETY: setns/unshare/mount/umount2 take valid fds and NUL-terminated
-            // strings that outlive the call; none allocates or takes locks.
-            unsafe {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let root = c"/".as_ptr();
-                let sys = c"/sys".as_ptr();
-                let sysfs = c"sysfs".as_ptr();
-                let none = c"none".as_ptr();
-                if libc::mount(
-                    none,
-                    root,
-                    std::ptr::null(),
-                    libc::MS_SLAVE | libc::MS_REC,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Like `ip netns exec`: a failing sysfs remount is not fatal.
-                if libc::umount2(sys, libc::MNT_DETACH) == 0 {
-                    let _ = libc::mount(sysfs_source.as_ptr(), sys, sysfs, 0, std::ptr::null());
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the closure only makes async-signal-safe system calls (see above).
-        unsafe {
-            cmd.pre_exec(pre);
-        }
-        cmd.spawn().map_err(|source| Error::Io {
-            what: format!("spawning {:?} in {ns}", cmd.get_program()),
-            source,
-        })
+        netns::in_netns(&ns, || -> Result<Child, Error> {
+            netns::private_sysfs(&ns)?;
+            cmd.spawn().map_err(|source| Error::Io {
+                what: format!("spawning {:?} in {ns}", cmd.get_program()),
+                source,
+            })
+        })?
     }
 
     // ------------------------------------------------------------ knobs

@@ -174,6 +174,39 @@ pub(crate) fn kill_processes_in(ns: &str) {
     }
 }
 
+/// Gives the calling thread (which must be one of `in_netns`'s) a private mount
+/// namespace with `/sys` remounted for the network namespace it is in, as
+/// `ip netns exec` does. Children it spawns inherit both.
+pub(crate) fn private_sysfs(ns: &str) -> Result<(), Error> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let sys_err = |what: &str| {
+        let what = format!("{what} (for {ns})");
+        move |e: nix::Error| Error::Io {
+            what,
+            source: e.into(),
+        }
+    };
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("unshare(CLONE_NEWNS)"))?;
+    // Keep our mounts from propagating back to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(sys_err("making / a slave mount"))?;
+    umount2("/sys", MntFlags::MNT_DETACH).map_err(sys_err("unmounting /sys"))?;
+    mount(
+        Some(ns),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(sys_err("mounting sysfs"))
+}
+
 /// Runs `f` on a new thread that has entered the network namespace `ns`, and returns
 /// its result. Sockets created by `f` belong to `ns` for their whole life, whichever
 /// thread uses them later; threads spawned by `f` start inside `ns` too.

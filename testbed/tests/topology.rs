@@ -4,6 +4,7 @@
 
 use std::io::Read as _;
 use std::net::{IpAddr, TcpListener};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -177,7 +178,7 @@ fn with_the_vpn_down_the_phone_cannot_reach_the_internet() {
         })
         .unwrap()
         .unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc_enetunreach()), "{err}");
+    assert_eq!(err.raw_os_error(), Some(enetunreach()), "{err}");
     assert!(
         tb.in_ns(Node::Phone, || client::udp_echo(
             echo,
@@ -203,8 +204,8 @@ fn with_the_vpn_down_the_phone_cannot_reach_the_internet() {
     assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
 }
 
-fn libc_enetunreach() -> i32 {
-    101 // ENETUNREACH on Linux
+fn enetunreach() -> i32 {
+    nix::errno::Errno::ENETUNREACH as i32
 }
 
 #[test]
@@ -231,7 +232,7 @@ fn the_laptop_has_only_its_lan() {
         })
         .unwrap()
         .unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc_enetunreach()), "{err}");
+    assert_eq!(err.raw_os_error(), Some(enetunreach()), "{err}");
 
     // The LAN works, and the veth counters see what crossed it.
     let before = tb.veth_counters().unwrap();
@@ -299,6 +300,30 @@ fn run_in_spawns_inside_the_namespace() {
     let mut names: Vec<&str> = out.split_whitespace().collect();
     names.sort();
     assert_eq!(names, vec!["lan0", "lo", "wan0", "wg0"]);
+
+    // As an unprivileged user too (the gateway needs no root), and the VPN
+    // interface is a TUN device in sysfs.
+    let out = tb
+        .run_in(
+            Node::Phone,
+            Command::new("cat")
+                .arg("/sys/class/net/wg0/tun_flags")
+                .uid(65534)
+                .gid(65534)
+                .stdout(Stdio::piped()),
+        )
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success());
+    let flags = u32::from_str_radix(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    assert_eq!(flags & 0x0001, 0x0001, "IFF_TUN not set: {flags:#x}");
 
     // The drop kills what still runs inside.
     let sleeper = tb
