@@ -4,19 +4,31 @@ use crate::config::Egress;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// What kind of outbound socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     Tcp,
     Udp,
     /// Unprivileged ICMP "ping" socket (`SOCK_DGRAM`, `IPPROTO_ICMP`/`ICMPV6`).
     Ping,
 }
 
+/// A platform hook run on every outbound socket after the egress binding, before it
+/// connects or sends. On Android the gateway service binds the socket to the VPN
+/// `Network` here (`Network.bindSocket` through JNI), so that forwarded traffic
+/// fails closed when the VPN goes away; an error refuses the flow.
+pub type SocketHook = Box<dyn FnMut(BorrowedFd<'_>, Kind, bool) -> io::Result<()> + Send>;
+
 /// Creates a non-blocking, close-on-exec socket of `kind` for the family of `remote`,
 /// restricted to the configured egress.
-pub(crate) fn socket(kind: Kind, v6: bool, egress: &Egress) -> io::Result<Socket> {
+pub(crate) fn socket(
+    kind: Kind,
+    v6: bool,
+    egress: &Egress,
+    hook: Option<&mut SocketHook>,
+) -> io::Result<Socket> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let (ty, proto) = match (kind, v6) {
         (Kind::Tcp, _) => (Type::STREAM, Protocol::TCP),
@@ -32,6 +44,9 @@ pub(crate) fn socket(kind: Kind, v6: bool, egress: &Egress) -> io::Result<Socket
         sock.set_tcp_nodelay(true)?;
     }
     bind_egress(&sock, v6, egress)?;
+    if let Some(hook) = hook {
+        hook(sock.as_fd(), kind, v6)?;
+    }
     Ok(sock)
 }
 
@@ -64,8 +79,12 @@ pub(crate) fn any_addr(v6: bool) -> SocketAddr {
 }
 
 /// A non-blocking TCP connect; `Ok` also while it is in progress.
-pub(crate) fn tcp_connect(remote: SocketAddr, egress: &Egress) -> io::Result<mio::net::TcpStream> {
-    let sock = socket(Kind::Tcp, remote.is_ipv6(), egress)?;
+pub(crate) fn tcp_connect(
+    remote: SocketAddr,
+    egress: &Egress,
+    hook: Option<&mut SocketHook>,
+) -> io::Result<mio::net::TcpStream> {
+    let sock = socket(Kind::Tcp, remote.is_ipv6(), egress, hook)?;
     match sock.connect(&SockAddr::from(remote)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -77,8 +96,13 @@ pub(crate) fn tcp_connect(remote: SocketAddr, egress: &Egress) -> io::Result<mio
 }
 
 /// A UDP (or ping) socket bound to an ephemeral port of the egress.
-pub(crate) fn udp_bind(kind: Kind, v6: bool, egress: &Egress) -> io::Result<mio::net::UdpSocket> {
-    let sock = socket(kind, v6, egress)?;
+pub(crate) fn udp_bind(
+    kind: Kind,
+    v6: bool,
+    egress: &Egress,
+    hook: Option<&mut SocketHook>,
+) -> io::Result<mio::net::UdpSocket> {
+    let sock = socket(kind, v6, egress, hook)?;
     // Unbound (egress any, or bound to a device only): take an ephemeral port now.
     let bound = sock
         .local_addr()
@@ -104,8 +128,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hook_sees_every_socket_and_can_refuse() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut hook: SocketHook = Box::new(move |_, kind, v6| {
+            c.fetch_add(1, Ordering::Relaxed);
+            match (kind, v6) {
+                (Kind::Udp, true) => Err(io::Error::from_raw_os_error(libc::ENETUNREACH)),
+                _ => Ok(()),
+            }
+        });
+        assert!(udp_bind(Kind::Udp, false, &Egress::Any, Some(&mut hook)).is_ok());
+        assert!(udp_bind(Kind::Udp, true, &Egress::Any, Some(&mut hook)).is_err());
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
     fn any_egress_makes_sockets() {
-        let s = udp_bind(Kind::Udp, false, &Egress::Any).unwrap();
+        let s = udp_bind(Kind::Udp, false, &Egress::Any, None).unwrap();
         assert!(s.local_addr().unwrap().port() != 0);
     }
 
@@ -117,6 +159,6 @@ mod tests {
             name: "vshnope0".into(),
             addrs: vec![],
         };
-        assert!(socket(Kind::Udp, false, &egress).is_err());
+        assert!(socket(Kind::Udp, false, &egress, None).is_err());
     }
 }

@@ -11,7 +11,7 @@ pub mod config;
 pub mod counters;
 mod device;
 pub mod dns;
-mod egress;
+pub mod egress;
 mod flows;
 pub mod fuzzing;
 pub mod packet;
@@ -19,4 +19,5 @@ mod stack;
 
 pub use config::{Caps, Config, Egress, Timeouts, read_resolv_conf};
 pub use counters::{Counters, DropReason, LeaseStats};
+pub use egress::{Kind as SocketKind, SocketHook};
 pub use stack::{Netstack, NetstackError, PacketBatch};

@@ -202,15 +202,14 @@ fn parse_udp(
 
 /// Checks the TCP checksum of a whole IP packet (used before acting on a SYN).
 pub(crate) fn tcp_checksum_ok(pkt: &[u8], src: IpAddr, dst: IpAddr) -> bool {
-    let payload = match pkt.first().map(|b| b >> 4) {
-        Some(4) => Ipv4Packet::new_checked(pkt).map(|p| p.payload().to_owned()),
-        Some(6) => Ipv6Packet::new_checked(pkt).map(|p| p.payload().to_owned()),
-        _ => return false,
-    };
-    let Ok(payload) = payload else { return false };
-    match TcpPacket::new_checked(&payload[..]) {
+    let ok = |payload: &[u8]| match TcpPacket::new_checked(payload) {
         Ok(tcp) => tcp.verify_checksum(&IpAddress::from(src), &IpAddress::from(dst)),
         Err(_) => false,
+    };
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(pkt).is_ok_and(|p| ok(p.payload())),
+        Some(6) => Ipv6Packet::new_checked(pkt).is_ok_and(|p| ok(p.payload())),
+        _ => false,
     }
 }
 

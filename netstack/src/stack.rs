@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::LeaseDevice;
 use crate::dns::{self, CacheKey, DnsCache};
-use crate::egress::{self, Kind};
+use crate::egress::{self, Kind, SocketHook};
 use crate::flows::{Expiry, FlowId, FlowKey, FlowTable};
 use crate::packet::{self, IcmpError, Parsed, Transport};
 use mio::{Interest, Token};
@@ -309,6 +309,7 @@ pub struct Netstack {
     ready: Vec<(Token, bool, bool)>,
     next_sweep: Option<Instant>,
     more_work: bool,
+    socket_hook: Option<SocketHook>,
 }
 
 impl std::fmt::Debug for Netstack {
@@ -362,6 +363,7 @@ impl Netstack {
             ready: Vec::with_capacity(EVENTS),
             next_sweep: None,
             more_work: false,
+            socket_hook: None,
         })
     }
 
@@ -432,6 +434,12 @@ impl Netstack {
         for id in pending {
             self.drop_dns_pending(id);
         }
+    }
+
+    /// Installs the platform hook run on every outbound socket (Android: bind it to
+    /// the VPN `Network`). See [`SocketHook`].
+    pub fn set_socket_hook(&mut self, hook: SocketHook) {
+        self.socket_hook = Some(hook);
     }
 
     /// Whether forwarding is on.
@@ -576,7 +584,14 @@ impl Netstack {
             }
             Transport::EchoRequest { ident, seq, data } => {
                 let data = pkt.get(data).unwrap_or(&[]);
-                self.echo_request(lease, pkt, &parsed, ident, seq, data, now);
+                if peer.lease.dns.contains(&parsed.dst) {
+                    // The in-tunnel gateway/DNS address answers pings itself.
+                    peer.emit(&mut self.counters, |b| {
+                        packet::build_echo_reply(b, parsed.dst, parsed.src, ident, seq, data)
+                    });
+                } else {
+                    self.echo_request(lease, pkt, &parsed, ident, seq, data, now);
+                }
             }
             Transport::OtherIcmp => self.counters.drop(DropReason::Unsupported),
         }
@@ -639,13 +654,14 @@ impl Netstack {
             Some(up) if to_dns => up.addr,
             _ => key.remote,
         };
-        let mut stream = match egress::tcp_connect(target, &self.config.egress) {
-            Ok(s) => s,
-            Err(e) => {
-                self.connect_failed(lease, pkt, &e);
-                return;
-            }
-        };
+        let mut stream =
+            match egress::tcp_connect(target, &self.config.egress, self.socket_hook.as_mut()) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.connect_failed(lease, pkt, &e);
+                    return;
+                }
+            };
         let registered = self.poll.registry().register(
             &mut stream,
             Token(self.flows.next_id() as usize),
@@ -846,15 +862,19 @@ impl Netstack {
                 if !self.admit(&key.flow_key(), pkt) {
                     return;
                 }
-                let mut sock =
-                    match egress::udp_bind(Kind::Udp, client.is_ipv6(), &self.config.egress) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            self.counters.drop(DropReason::SendFailed);
-                            self.datagram_error(lease, pkt, &e);
-                            return;
-                        }
-                    };
+                let mut sock = match egress::udp_bind(
+                    Kind::Udp,
+                    client.is_ipv6(),
+                    &self.config.egress,
+                    self.socket_hook.as_mut(),
+                ) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.counters.drop(DropReason::SendFailed);
+                        self.datagram_error(lease, pkt, &e);
+                        return;
+                    }
+                };
                 let token = Token(self.flows.next_id() as usize);
                 if self
                     .poll
@@ -1021,22 +1041,26 @@ impl Netstack {
                 if !self.admit(&key.flow_key(), pkt) {
                     return;
                 }
-                let mut sock =
-                    match egress::udp_bind(Kind::Ping, p.src.is_ipv6(), &self.config.egress) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EACCES | libc::EPERM | libc::EPROTONOSUPPORT)
-                            ) {
-                                // net.ipv4.ping_group_range excludes us: remember it.
-                                tracing::info!("unprivileged ICMP echo sockets are not allowed");
-                                self.ping_unavailable = true;
-                            }
-                            self.counters.drop(DropReason::PingUnavailable);
-                            return;
+                let mut sock = match egress::udp_bind(
+                    Kind::Ping,
+                    p.src.is_ipv6(),
+                    &self.config.egress,
+                    self.socket_hook.as_mut(),
+                ) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EACCES | libc::EPERM | libc::EPROTONOSUPPORT)
+                        ) {
+                            // net.ipv4.ping_group_range excludes us: remember it.
+                            tracing::info!("unprivileged ICMP echo sockets are not allowed");
+                            self.ping_unavailable = true;
                         }
-                    };
+                        self.counters.drop(DropReason::PingUnavailable);
+                        return;
+                    }
+                };
                 let token = Token(self.flows.next_id() as usize);
                 if self
                     .poll
@@ -1177,8 +1201,13 @@ impl Netstack {
         let idx = self.preferred_upstream % self.upstreams.len().max(1);
         let up = self.upstreams.get_mut(idx)?;
         if up.sock.is_none() {
-            let mut sock =
-                egress::udp_bind(Kind::Udp, up.addr.is_ipv6(), &self.config.egress).ok()?;
+            let mut sock = egress::udp_bind(
+                Kind::Udp,
+                up.addr.is_ipv6(),
+                &self.config.egress,
+                self.socket_hook.as_mut(),
+            )
+            .ok()?;
             self.poll
                 .registry()
                 .register(&mut sock, Token(DNS_TOKEN_BASE + idx), Interest::READABLE)

@@ -307,3 +307,37 @@ fn icmp_echo_uses_ping_sockets_where_allowed() {
         assert_eq!(h.ns.counters().drops(DropReason::PingUnavailable), 1);
     }
 }
+
+#[test]
+fn gateway_address_answers_ping_itself() {
+    let mut h = Harness::new(loopback_config());
+    h.record = true;
+    let mut pkt = vec![0u8; 20 + 8 + 3];
+    let caps = smoltcp::phy::ChecksumCapabilities::default();
+    smoltcp::wire::Ipv4Repr {
+        src_addr: common::CLIENT_V4,
+        dst_addr: GATEWAY_V4,
+        next_header: IpProtocol::Icmp,
+        payload_len: 11,
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut pkt[..20]), &caps);
+    smoltcp::wire::Icmpv4Repr::EchoRequest {
+        ident: 9,
+        seq_no: 3,
+        data: b"gw?",
+    }
+    .emit(&mut Icmpv4Packet::new_unchecked(&mut pkt[20..]), &caps);
+    h.push_raw(&[pkt]);
+    h.service_netstack();
+    assert_eq!(h.recorded.len(), 1);
+    let ip = Ipv4Packet::new_checked(&h.recorded[0][..]).unwrap();
+    assert_eq!(ip.src_addr(), GATEWAY_V4);
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert_eq!(icmp.msg_type(), Icmpv4Message::EchoReply);
+    assert_eq!(
+        (icmp.echo_ident(), icmp.echo_seq_no(), icmp.data()),
+        (9, 3, &b"gw?"[..])
+    );
+    assert_eq!(h.ns.counters().ping_flows, 0);
+}
