@@ -253,6 +253,27 @@ fn the_laptop_has_only_its_lan() {
     assert!(after.phone.tx_packets > before.phone.tx_packets);
 }
 
+fn lan_admin_up(tb: &Testbed) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &tb.ns(Node::Phone),
+            "-o",
+            "link",
+            "show",
+            testbed::LAN_IF,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let flags = text
+        .split('<')
+        .nth(1)
+        .and_then(|f| f.split('>').next())
+        .unwrap();
+    flags.split(',').any(|f| f == "UP")
+}
+
 #[test]
 fn link_down_for_cuts_the_lan_then_restores_it() {
     let Some(tb) = testbed(1) else { return };
@@ -261,20 +282,24 @@ fn link_down_for_cuts_the_lan_then_restores_it() {
         .in_ns(Node::Phone, || TcpListener::bind((phone_lan, 7001)))
         .unwrap()
         .unwrap();
-    let flap = tb.link_down_for(Duration::from_millis(1500)).unwrap();
-    assert!(
+    let connect = |t| {
         tb.in_ns(Node::Laptop, || {
-            client::tcp_connect((phone_lan, 7001).into(), Duration::from_millis(500))
+            client::tcp_connect((phone_lan, 7001).into(), t)
         })
         .unwrap()
-        .is_err()
-    );
+    };
+
+    tb.set_lan_up(false).unwrap();
+    assert!(!lan_admin_up(&tb));
+    assert!(connect(Duration::from_millis(500)).is_err());
+    tb.set_lan_up(true).unwrap();
+    connect(T).unwrap();
+
+    let flap = tb.link_down_for(Duration::from_secs(2)).unwrap();
+    assert!(!lan_admin_up(&tb));
     flap.wait().unwrap();
-    tb.in_ns(Node::Laptop, || {
-        client::tcp_connect((phone_lan, 7001).into(), T)
-    })
-    .unwrap()
-    .unwrap();
+    assert!(lan_admin_up(&tb));
+    connect(T).unwrap();
     drop(listener);
 }
 
