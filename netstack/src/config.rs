@@ -42,7 +42,8 @@ pub struct Caps {
     pub max_inbound_queue_bytes: usize,
     /// Bytes of packets queued for the client and not yet drained, per lease.
     pub max_outbound_queue_bytes: usize,
-    /// All flows of all leases together (bounds file descriptors).
+    /// All flows of all leases together (bounds file descriptors: each flow holds
+    /// one; 7168 leaves room under the RLIMIT_NOFILE of 8192 `confine` sets).
     pub max_total_flows: usize,
     /// Entries in the shared DNS cache.
     pub max_dns_cache_entries: usize,
@@ -59,7 +60,7 @@ impl Default for Caps {
             max_buffer_bytes: 32 * 1024 * 1024,
             max_inbound_queue_bytes: 2 * 1024 * 1024,
             max_outbound_queue_bytes: 2 * 1024 * 1024,
-            max_total_flows: 16_384,
+            max_total_flows: 7_168,
             max_dns_cache_entries: 4096,
         }
     }
