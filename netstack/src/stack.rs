@@ -1537,8 +1537,14 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
             }
         }
     }
-    // Client's FIN, once its data is out: half-close the OS side.
-    if !flow.os_shut_wr && !sock.may_recv() && sock.recv_queue() == 0 {
+    // Client's FIN, once its data is out: half-close the OS side. (CLOSED without
+    // that is the client's RST: the flow is then closed abortively, RST to the server,
+    // not FIN.)
+    if !flow.os_shut_wr
+        && !sock.may_recv()
+        && sock.recv_queue() == 0
+        && sock.state() != tcp::State::Closed
+    {
         let _ = flow.stream.shutdown(Shutdown::Write);
         flow.os_shut_wr = true;
         moved = true;

@@ -296,3 +296,58 @@ fn syn_ack_mss_follows_the_lease_mtu() {
     assert_eq!(mss, Some(common::MTU - 40));
     drop(listener);
 }
+
+#[test]
+fn client_reset_and_fin_reach_the_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = thread::spawn(move || {
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0; 64];
+            let mut got = Vec::new();
+            let end = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break "eof",
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            results.push((got, end));
+        }
+        results
+    });
+    let mut h = Harness::new(loopback_config());
+    for (port, abort) in [(40_010, false), (40_011, true)] {
+        let mut s = tcp_socket(4096);
+        s.connect(
+            h.iface.context(),
+            (IpAddress::from(server.ip()), server.port()),
+            local(server.ip(), port),
+        )
+        .unwrap();
+        let handle = h.sockets.add(s);
+        h.run_until(5, "established", |h| {
+            h.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Established
+        });
+        h.sockets
+            .get_mut::<tcp::Socket>(handle)
+            .send_slice(b"bye")
+            .unwrap();
+        h.run_until(5, "data acknowledged", |h| {
+            h.sockets.get::<tcp::Socket>(handle).send_queue() == 0
+        });
+        let s = h.sockets.get_mut::<tcp::Socket>(handle);
+        if abort {
+            s.abort();
+        } else {
+            s.close();
+        }
+        h.run_until(5, "flow gone", |h| h.ns.counters().tcp_flows == 0);
+    }
+    let results = join.join().unwrap();
+    assert_eq!(results[0], (b"bye".to_vec(), "eof"));
+    assert_eq!(results[1], (b"bye".to_vec(), "reset"));
+}
