@@ -273,6 +273,28 @@ pub struct VethCounters {
     pub phone: LinkCounters,
 }
 
+/// A namespace's IP-layer counters (`/proc/net/snmp`, `/proc/net/snmp6`): where
+/// packets that should not be there die. A laptop packet that leaks to the phone
+/// unencapsulated is dropped by the phone (it does not forward) and counted in its
+/// `in_addr_errors`; one the laptop cannot route counts in the laptop's `out_no_routes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpStats {
+    /// IPv4 packets received for an address that is not local and not forwarded.
+    pub in_addr_errors: u64,
+    /// IPv4 packets forwarded.
+    pub forw_datagrams: u64,
+    /// IPv4 packets dropped for lack of a route, locally generated.
+    pub out_no_routes: u64,
+    /// IPv6 packets received for an address that is not local and not forwarded.
+    pub in6_addr_errors: u64,
+    /// IPv6 packets forwarded.
+    pub out6_forw_datagrams: u64,
+    /// IPv6 packets dropped for lack of a route, locally generated.
+    pub out6_no_routes: u64,
+    /// IPv6 packets received with no route to forward them.
+    pub in6_no_routes: u64,
+}
+
 /// Builds a [`Testbed`].
 #[derive(Debug, Clone)]
 pub struct Builder {
@@ -515,15 +537,7 @@ impl Testbed {
                     ("/proc/sys/net/ipv6/conf/default/accept_dad", "0"),
                 ]);
             }
-            netns::in_netns(&self.ns(node), move || -> Result<(), Error> {
-                for (path, value) in settings {
-                    std::fs::write(path, value).map_err(|source| Error::Io {
-                        what: format!("writing {path}"),
-                        source,
-                    })?;
-                }
-                Ok(())
-            })??;
+            write_sysctls(&self.ns(node), &settings)?;
         }
         Ok(())
     }
@@ -559,6 +573,14 @@ impl Testbed {
                 format!("link add {INET_IF} type veth peer name {INET_IF} netns {internet}"),
             ],
         )?;
+
+        // Before any link is up. The phone's uplink carries WireGuard and nothing else: no IPv6 on it (no
+        // link-local address, router or multicast listener traffic).
+        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            let off = [("/proc/sys/net/ipv6/conf/wan0/disable_ipv6", "1")];
+            write_sysctls(&phone, &off)?;
+            write_sysctls(&vpn, &off)?;
+        }
 
         let mut l = vec![
             format!(
@@ -650,6 +672,9 @@ impl Testbed {
         self.wg_vpn = Some(dev);
         let mut v = vec![
             format!("addr add {}/32 dev {VPN_IF}", a.vpn_tunnel_v4),
+            // Like a kernel WireGuard link: no IPv6 link-local address, so the
+            // kernel sends nothing of its own (MLD, router solicitations) into it.
+            format!("link set {VPN_IF} addrgenmode none"),
             format!("link set {VPN_IF} mtu {VPN_MTU} up"),
             format!("route add {}/32 dev {VPN_IF}", a.phone_tunnel_v4),
         ];
@@ -678,6 +703,9 @@ impl Testbed {
         self.wg_phone = Some(dev);
         let mut p = vec![
             format!("addr add {}/32 dev {VPN_IF}", a.phone_tunnel_v4),
+            // Like a kernel WireGuard link: no IPv6 link-local address, so the
+            // kernel sends nothing of its own (MLD, router solicitations) into it.
+            format!("link set {VPN_IF} addrgenmode none"),
             format!("link set {VPN_IF} mtu {VPN_MTU} up"),
         ];
         if self.ipv6 {
@@ -946,6 +974,21 @@ impl Testbed {
         parse_net_dev(&text, ifname)
     }
 
+    /// IP-layer counters of `node` (see [`IpStats`]).
+    pub fn ip_stats(&self, node: Node) -> Result<IpStats, Error> {
+        let (snmp, snmp6) = self.in_ns(node, || {
+            (
+                std::fs::read_to_string("/proc/thread-self/net/snmp"),
+                std::fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default(),
+            )
+        })?;
+        let snmp = snmp.map_err(|source| Error::Io {
+            what: "reading /proc/thread-self/net/snmp".into(),
+            source,
+        })?;
+        parse_snmp(&snmp, &snmp6)
+    }
+
     /// Both ends of the laptop↔phone link.
     pub fn veth_counters(&self) -> Result<VethCounters, Error> {
         Ok(VethCounters {
@@ -1106,6 +1149,19 @@ impl Drop for LinkFlap {
     }
 }
 
+/// Writes `(path, value)` pairs under `/proc/sys/net` as seen from inside `ns`.
+fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<(), Error> {
+    netns::in_netns(ns, || -> Result<(), Error> {
+        for (path, value) in settings {
+            std::fs::write(path, value).map_err(|source| Error::Io {
+                what: format!("writing {path} in {ns}"),
+                source,
+            })?;
+        }
+        Ok(())
+    })?
+}
+
 /// `addr/len` with the host bits cleared.
 fn net_v4(addr: Ipv4Addr, len: u8) -> String {
     let mask = u32::MAX
@@ -1120,6 +1176,45 @@ fn net_v6(addr: Ipv6Addr, len: u8) -> String {
         .checked_shl(128 - u32::from(len.min(128)))
         .unwrap_or(0);
     format!("{}/{len}", Ipv6Addr::from(u128::from(addr) & mask))
+}
+
+/// Picks the counters of [`IpStats`] out of `/proc/net/snmp` and `/proc/net/snmp6`.
+fn parse_snmp(snmp: &str, snmp6: &str) -> Result<IpStats, Error> {
+    let mut ip_lines = snmp.lines().filter(|l| l.starts_with("Ip: "));
+    let (Some(names), Some(values)) = (ip_lines.next(), ip_lines.next()) else {
+        return Err(Error::Parse("no Ip: lines in /proc/net/snmp".into()));
+    };
+    let v4 = |name: &str| -> Result<u64, Error> {
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .ok_or_else(|| Error::Parse(format!("no {name} in /proc/net/snmp")))?;
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Parse(format!("bad {name} in /proc/net/snmp")))
+    };
+    let v6 = |name: &str| -> u64 {
+        snmp6
+            .lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(name))
+                    .then(|| it.next().and_then(|v| v.parse().ok()))
+                    .flatten()
+            })
+            .unwrap_or(0)
+    };
+    Ok(IpStats {
+        in_addr_errors: v4("InAddrErrors")?,
+        forw_datagrams: v4("ForwDatagrams")?,
+        out_no_routes: v4("OutNoRoutes")?,
+        in6_addr_errors: v6("Ip6InAddrErrors"),
+        out6_forw_datagrams: v6("Ip6OutForwDatagrams"),
+        out6_no_routes: v6("Ip6OutNoRoutes"),
+        in6_no_routes: v6("Ip6InNoRoutes"),
+    })
 }
 
 /// Parses one interface's line of `/proc/net/dev`.
@@ -1173,6 +1268,26 @@ mod tests {
             }
         );
         assert!(parse_net_dev(text, "wg0").is_err());
+    }
+
+    #[test]
+    fn snmp_parsing() {
+        let snmp = "Ip: Forwarding DefaultTTL InReceives InHdrErrors InAddrErrors ForwDatagrams OutNoRoutes\nIp: 2 64 10 0 3 4 5\nIcmp: InMsgs\nIcmp: 1\n";
+        let snmp6 = "Ip6InReceives                   \t7\nIp6InNoRoutes 1\nIp6InAddrErrors 2\nIp6OutForwDatagrams 0\nIp6OutNoRoutes 9\n";
+        let s = parse_snmp(snmp, snmp6).unwrap();
+        assert_eq!(
+            s,
+            IpStats {
+                in_addr_errors: 3,
+                forw_datagrams: 4,
+                out_no_routes: 5,
+                in6_addr_errors: 2,
+                out6_forw_datagrams: 0,
+                out6_no_routes: 9,
+                in6_no_routes: 1,
+            }
+        );
+        assert!(parse_snmp("", "").is_err());
     }
 
     #[test]

@@ -454,3 +454,43 @@ fn testbed_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Testbed>();
 }
+
+#[test]
+fn a_leak_from_the_laptop_dies_in_the_topology_and_is_counted() {
+    let Some(tb) = testbed(1) else { return };
+    let echo = tb.udp_echo_addr();
+    // No route at all: the laptop's kernel refuses, and counts it.
+    let before = tb.ip_stats(Node::Laptop).unwrap();
+    let err = tb
+        .in_ns(Node::Laptop, || {
+            client::udp_echo(echo, b"leak", Duration::from_millis(300))
+        })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(enetunreach()), "{err}");
+    assert!(tb.ip_stats(Node::Laptop).unwrap().out_no_routes > before.out_no_routes);
+
+    // A laptop that (wrongly) routes through the phone: the phone does not forward, the
+    // packet dies there, is counted, and never reaches the internet.
+    let ok = Command::new("ip")
+        .args(["-n", &tb.ns(Node::Laptop), "route", "add", "default", "via"])
+        .arg(tb.phone_lan_ip().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let phone_before = tb.ip_stats(Node::Phone).unwrap();
+    let echoes_before = tb.udp_echoes();
+    let wg_before = tb.vpn_counters().unwrap();
+    let r = tb
+        .in_ns(Node::Laptop, || {
+            client::udp_echo(echo, b"leak", Duration::from_millis(500))
+        })
+        .unwrap();
+    assert!(r.is_err());
+    let phone_after = tb.ip_stats(Node::Phone).unwrap();
+    assert!(phone_after.in_addr_errors > phone_before.in_addr_errors);
+    assert_eq!(phone_after.forw_datagrams, phone_before.forw_datagrams);
+    assert_eq!(tb.udp_echoes(), echoes_before);
+    assert_eq!(tb.vpn_counters().unwrap().tx_packets, wg_before.tx_packets);
+}
