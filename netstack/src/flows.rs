@@ -278,12 +278,18 @@ impl<T> FlowTable<T> {
 
     /// The flows of a lease: (TCP, datagram).
     pub fn lease_flows(&self, lease: LeaseId) -> (Vec<FlowId>, Vec<FlowId>) {
-        match self.leases.get(&lease) {
-            Some(lf) => (
-                lf.tcp.iter().copied().collect(),
-                lf.dgram.iter().copied().collect(),
-            ),
-            None => (Vec::new(), Vec::new()),
+        let (mut tcp, mut dgram) = (Vec::new(), Vec::new());
+        self.lease_flows_into(lease, &mut tcp, &mut dgram);
+        (tcp, dgram)
+    }
+
+    /// The flows of a lease, into reused vectors (cleared first).
+    pub fn lease_flows_into(&self, lease: LeaseId, tcp: &mut Vec<FlowId>, dgram: &mut Vec<FlowId>) {
+        tcp.clear();
+        dgram.clear();
+        if let Some(lf) = self.leases.get(&lease) {
+            tcp.extend(lf.tcp.iter().copied());
+            dgram.extend(lf.dgram.iter().copied());
         }
     }
 

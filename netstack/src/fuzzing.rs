@@ -1,9 +1,10 @@
 //! Fuzz entry points (the `netstack/fuzz` cargo-fuzz crate and the corpus replay
 //! test call these).
 //!
-//! Egress is switched off so that no fuzz input can make the netstack contact a
-//! real address: every path up to the OS socket (parsing, caps, ICMP errors, DNS
-//! errors, smoltcp's handling of stray segments) still runs.
+//! No fuzz input can make the netstack contact a real address: egress is switched
+//! off, or every outbound socket is refused by the socket hook before it is used.
+//! Every path up to the OS socket (parsing, caps, ICMP errors, DNS errors, smoltcp's
+//! handling of stray segments) still runs.
 
 use crate::{Config, Netstack, PacketBatch};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -44,11 +45,21 @@ pub fn split_packets(mut data: &[u8]) -> Vec<&[u8]> {
 }
 
 /// Feeds `data` (see [`split_packets`]) to a fresh netstack and drains its output.
+///
+/// The first byte picks how outbound sockets are refused: egress switched off (new
+/// flows get ICMP unreachable before any socket exists), or egress on with a socket
+/// hook that refuses every socket (the connect/send failure paths run).
 pub fn push_packets(data: &[u8]) {
     let Ok(mut ns) = Netstack::new(Config::default()) else {
         return;
     };
-    ns.set_egress_available(false);
+    if data.first().is_some_and(|b| b & 1 == 1) {
+        ns.set_socket_hook(Box::new(|_, _, _| {
+            Err(std::io::Error::from_raw_os_error(libc::ENETUNREACH))
+        }));
+    } else {
+        ns.set_egress_available(false);
+    }
     let lease = fuzz_lease();
     if ns.add_lease(&lease).is_err() {
         return;

@@ -146,6 +146,8 @@ struct TcpFlow {
     os_eof: bool,
     os_shut_wr: bool,
     established: bool,
+    /// Set when the flow is found finished by a client RST or an abort.
+    abortive_close: bool,
 }
 
 #[derive(Debug)]
@@ -310,6 +312,9 @@ pub struct Netstack {
     next_sweep: Option<Instant>,
     more_work: bool,
     socket_hook: Option<SocketHook>,
+    tcp_scratch: Vec<FlowId>,
+    dgram_scratch: Vec<FlowId>,
+    due_scratch: Vec<LeaseId>,
 }
 
 impl std::fmt::Debug for Netstack {
@@ -364,6 +369,9 @@ impl Netstack {
             next_sweep: None,
             more_work: false,
             socket_hook: None,
+            tcp_scratch: Vec::new(),
+            dgram_scratch: Vec::new(),
+            due_scratch: Vec::new(),
         })
     }
 
@@ -683,6 +691,7 @@ impl Netstack {
                 os_eof: false,
                 os_shut_wr: false,
                 established: false,
+                abortive_close: false,
             }),
             now,
             Some(now + self.config.timeouts.tcp_connect),
@@ -1319,7 +1328,8 @@ impl Netstack {
         }
         let smol_now = self.smol(now);
         self.more_work = false;
-        let mut due = Vec::new();
+        let mut due = std::mem::take(&mut self.due_scratch);
+        due.clear();
         for (id, p) in self.peers.iter_mut() {
             if p.dirty
                 || !p.dev.rx.is_empty()
@@ -1330,9 +1340,10 @@ impl Netstack {
                 due.push(*id);
             }
         }
-        for lease in due {
+        for &lease in &due {
             self.service_peer(lease, now);
         }
+        self.due_scratch = due;
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.next_sweep = None;
             self.sweep(now);
@@ -1410,11 +1421,16 @@ impl Netstack {
     /// interface.
     fn service_peer(&mut self, lease: LeaseId, now: Instant) {
         let smol_now = self.smol(now);
-        let (tcp_ids, dgram) = self.flows.lease_flows(lease);
-        for id in dgram {
+        // Reused id lists: no allocation per poll in steady state.
+        let mut tcp_ids = std::mem::take(&mut self.tcp_scratch);
+        let mut dgram = std::mem::take(&mut self.dgram_scratch);
+        self.flows.lease_flows_into(lease, &mut tcp_ids, &mut dgram);
+        for &id in &dgram {
             self.dgram_read(id, now);
         }
+        self.dgram_scratch = dgram;
         let Some(peer) = self.peers.get_mut(&lease) else {
+            self.tcp_scratch = tcp_ids;
             return;
         };
         peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
@@ -1433,17 +1449,28 @@ impl Netstack {
                 break;
             }
         }
-        let mut finished = Vec::new();
+        // Keep only the finished flows in the list, then forget them.
+        tcp_ids.retain(|&id| match self.flows.get_mut(id) {
+            Some(Flow::Tcp(flow)) => match finished_state(flow, &peer.sockets, now) {
+                Some(abortive) => {
+                    flow.abortive_close = abortive;
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        });
         for &id in &tcp_ids {
-            if let Some(Flow::Tcp(flow)) = self.flows.get(id)
-                && let Some(abortive) = finished_state(flow, &peer.sockets, now)
-            {
-                finished.push((id, abortive));
-            }
-        }
-        for (id, abortive) in finished {
+            let abortive = matches!(
+                self.flows.get(id),
+                Some(Flow::Tcp(TcpFlow {
+                    abortive_close: true,
+                    ..
+                }))
+            );
             self.forget_flow(id, abortive);
         }
+        self.tcp_scratch = tcp_ids;
     }
 
     fn sweep(&mut self, now: Instant) {
