@@ -214,6 +214,12 @@ pub mod samples {
         vec![
             BrokerToWorker::AdoptTransport {
                 kind: TransportKind::Datagram,
+                first_record: BoundedBytes::new(vec![1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 9])
+                    .ok(),
+            },
+            BrokerToWorker::AdoptTransport {
+                kind: TransportKind::Stream,
+                first_record: None,
             },
             BrokerToWorker::AttachDataPath { lease: LeaseId(7) },
             BrokerToWorker::HandshakeBound { handshake: h },

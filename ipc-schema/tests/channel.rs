@@ -312,6 +312,7 @@ fn send_checks_descriptor_count_and_size_without_dying() {
     let (mut broker, _worker) = open_pair::<broker_worker::BrokerEnd, broker_worker::WorkerEnd>();
     let msg = BrokerToWorker::AdoptTransport {
         kind: broker_worker::TransportKind::Stream,
+        first_record: None,
     };
     assert!(matches!(
         broker.send(&msg, &[]),

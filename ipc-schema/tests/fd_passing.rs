@@ -43,6 +43,7 @@ fn unexpected_descriptors_are_closed_and_fail_typed() {
     let no_fd = BrokerToWorker::ReportCounters;
     let one_fd = BrokerToWorker::AdoptTransport {
         kind: TransportKind::Stream,
+        first_record: None,
     };
     assert!(matches!(
         recv_with(&no_fd, 1),

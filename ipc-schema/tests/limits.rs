@@ -70,6 +70,10 @@ fn largest_valid_messages_fit_their_limits() {
                 resumed: true,
             },
         },
+        BrokerToWorker::AdoptTransport {
+            kind: bw::TransportKind::Datagram,
+            first_record: Some(BoundedBytes::new(vec![0xff; MAX_HANDSHAKE_MSG]).unwrap()),
+        },
         BrokerToWorker::TicketSealed {
             request: r,
             ticket: BoundedBytes::new(vec![0; MAX_TICKET_LEN]).unwrap(),

@@ -32,14 +32,28 @@ pub enum TransportKind {
 
 /// A Noise handshake message, opaque to this crate.
 pub type HandshakeMessage = BoundedBytes<MAX_HANDSHAKE_MSG>;
+/// A whole VSHP record (header and body) the broker read before handing the
+/// transport over; at most [`MAX_HANDSHAKE_MSG`] bytes (the broker drops longer
+/// first datagrams: no valid HANDSHAKE_INIT is that long).
+pub type FirstRecord = BoundedBytes<MAX_HANDSHAKE_MSG>;
 /// A sealed resume ticket, opaque to everyone but the broker.
 pub type SealedTicket = BoundedBytes<MAX_TICKET_LEN>;
 
 /// Broker → worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BrokerToWorker {
-    /// The peer's transport: **carries 1 descriptor** (the accepted socket).
-    AdoptTransport { kind: TransportKind },
+    /// The peer's transport: **carries 1 descriptor** (the accepted TCP socket, or a
+    /// UDP socket `connect()`ed to the peer).
+    ///
+    /// `first_record` is a record the broker already read from that transport before
+    /// the hand-off, which the worker must process as if it had just received it: for
+    /// UDP, the peer's first datagram (its HANDSHAKE_INIT record, header included),
+    /// which arrived on the listening socket; `None` for streams, whose bytes all
+    /// arrive on the handed-over socket.
+    AdoptTransport {
+        kind: TransportKind,
+        first_record: Option<FirstRecord>,
+    },
     /// The worker's end of its data channel to the netstack, for this lease:
     /// **carries 1 descriptor** (a connected unix stream socket).
     AttachDataPath { lease: LeaseId },
