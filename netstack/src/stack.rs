@@ -573,7 +573,20 @@ impl Netstack {
             return;
         }
         match parsed.transport.clone() {
-            Transport::Tcp { syn, ack, rst, .. } => {
+            Transport::Tcp {
+                syn,
+                ack,
+                rst,
+                dst_port,
+                ..
+            } => {
+                let gateway = peer.lease.dns.contains(&parsed.dst);
+                if gateway && (dst_port != 53 || self.upstreams.is_empty()) {
+                    // The gateway address is no real host and serves only DNS: the
+                    // SYN meets no listener, smoltcp answers RST.
+                    peer.queue_for_smoltcp(&mut self.counters, pkt);
+                    return;
+                }
                 self.tcp_packet(lease, pkt, &parsed, syn && !ack && !rst, now)
             }
             Transport::Udp {
@@ -586,6 +599,8 @@ impl Netstack {
                 let data = pkt.get(payload).unwrap_or(&[]);
                 if peer.is_dns(parsed.dst, dst_port) {
                     self.dns_query(lease, client, remote, data, now);
+                } else if peer.lease.dns.contains(&parsed.dst) {
+                    peer.icmp_error(&mut self.counters, pkt, IcmpError::PortUnreachable);
                 } else {
                     self.udp_packet(lease, pkt, client, remote, data, now);
                 }

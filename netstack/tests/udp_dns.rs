@@ -341,3 +341,26 @@ fn gateway_address_answers_ping_itself() {
     );
     assert_eq!(h.ns.counters().ping_flows, 0);
 }
+
+#[test]
+fn gateway_address_serves_only_dns() {
+    let mut h = Harness::new(loopback_config());
+    h.record = true;
+    let mut sock = udp_socket();
+    sock.bind((IpAddress::Ipv4(common::CLIENT_V4), 40_055))
+        .unwrap();
+    let handle = h.sockets.add(sock);
+    h.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"not dns", (IpAddress::Ipv4(GATEWAY_V4), 123))
+        .unwrap();
+    h.run_until(5, "port unreachable", |h| {
+        h.recorded.iter().any(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+            let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+            icmp.msg_type() == Icmpv4Message::DstUnreachable && icmp.msg_code() == 3
+        })
+    });
+    let c = h.ns.counters();
+    assert_eq!((c.udp_flows, c.dns_queries), (0, 0));
+}
