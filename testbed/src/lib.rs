@@ -658,9 +658,16 @@ impl Testbed {
         // The provider's end: listens on the WAN address, routes the phone's tunnel
         // addresses into the tunnel.
         let dev = WgDevice::start(&vpn, VPN_IF, threads)?;
-        let mut allowed = vec![format!("{}/32", a.phone_tunnel_v4)];
+        // The LAN is allowed too, for `set_kernel_routing`'s baseline only: without
+        // it no packet can carry a LAN address through the tunnel (the phone does
+        // not forward, and nothing routes the LAN back).
+        let mut allowed = vec![
+            format!("{}/32", a.phone_tunnel_v4),
+            net_v4(a.laptop_lan_v4, a.lan_prefix_v4),
+        ];
         if self.ipv6 {
             allowed.push(format!("{}/128", a.phone_tunnel_v6));
+            allowed.push(net_v6(a.laptop_lan_v6, a.lan_prefix_v6));
         }
         dev.configure(
             &vpn_keys,
@@ -925,6 +932,41 @@ impl Testbed {
             self.vpn_routes(true)
         } else {
             netns::ip_batch(&phone, &[format!("link set {VPN_IF} down")])
+        }
+    }
+
+    /// Turns the phone into a plain kernel router for the laptop, through the VPN, or
+    /// back: the baseline benchmarks compare VPN Share against. On: the phone
+    /// forwards (IPv4 and IPv6), the laptop gets default routes via the phone's LAN
+    /// address, and `vpn` and `internet` route the LAN back through the tunnel. Off
+    /// (the default): all of that is removed again, and a laptop packet has no path.
+    pub fn set_kernel_routing(&self, on: bool) -> Result<(), Error> {
+        let a = &self.addrs;
+        let verb = if on { "replace" } else { "del" };
+        let lan4 = net_v4(a.laptop_lan_v4, a.lan_prefix_v4);
+        let lan6 = net_v6(a.laptop_lan_v6, a.lan_prefix_v6);
+        let mut laptop = vec![format!("route {verb} default via {}", a.phone_lan_v4)];
+        let mut vpn = vec![format!("route {verb} {lan4} dev {VPN_IF}")];
+        let mut internet = vec![format!("route {verb} {lan4} via {}", a.vpn_inet_v4)];
+        let forward = if on { "1" } else { "0" };
+        let mut sysctls = vec![("/proc/sys/net/ipv4/ip_forward", forward)];
+        if self.ipv6 {
+            laptop.push(format!("route {verb} ::/0 via {}", a.phone_lan_v6));
+            vpn.push(format!("route {verb} {lan6} dev {VPN_IF}"));
+            internet.push(format!("route {verb} {lan6} via {}", a.vpn_inet_v6));
+            sysctls.push(("/proc/sys/net/ipv6/conf/all/forwarding", forward));
+        }
+        if on {
+            write_sysctls(&self.ns(Node::Phone), &sysctls)?;
+            netns::ip_batch(&self.ns(Node::Vpn), &vpn)?;
+            netns::ip_batch(&self.ns(Node::Internet), &internet)?;
+            netns::ip_batch(&self.ns(Node::Laptop), &laptop)
+        } else {
+            // Removing a route that is not there fails: ignore, the goal is "absent".
+            let _ = netns::ip_batch(&self.ns(Node::Laptop), &laptop);
+            let _ = netns::ip_batch(&self.ns(Node::Internet), &internet);
+            let _ = netns::ip_batch(&self.ns(Node::Vpn), &vpn);
+            write_sysctls(&self.ns(Node::Phone), &sysctls)
         }
     }
 

@@ -494,3 +494,40 @@ fn a_leak_from_the_laptop_dies_in_the_topology_and_is_counted() {
     assert_eq!(tb.udp_echoes(), echoes_before);
     assert_eq!(tb.vpn_counters().unwrap().tx_packets, wg_before.tx_packets);
 }
+
+#[test]
+fn kernel_routing_baseline_carries_the_laptop_through_the_vpn() {
+    let Some(tb) = testbed(4) else { return };
+    let http = tb.http_addr();
+    tb.set_kernel_routing(true).unwrap();
+    let wg_before = tb.vpn_counters().unwrap();
+    let fwd_before = tb.ip_stats(Node::Phone).unwrap().forw_datagrams;
+    let r = tb
+        .in_ns(Node::Laptop, || client::http_get(http, "/file", T))
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.status, r.sha256), (200, tb.file_sha256()));
+    assert!(tb.vpn_counters().unwrap().rx_bytes - wg_before.rx_bytes >= tb.file_len());
+    assert!(tb.ip_stats(Node::Phone).unwrap().forw_datagrams > fwd_before);
+    if tb.has_ipv6() {
+        let echo6 = tb.addrs().udp_echo_v6();
+        let back = tb
+            .in_ns(Node::Laptop, || client::udp_echo(echo6, b"v6", T))
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, b"v6");
+    }
+
+    tb.set_kernel_routing(false).unwrap();
+    let err = tb
+        .in_ns(Node::Laptop, || client::http_get(http, "/health", T))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(enetunreach()), "{err}");
+    assert!(
+        !tb.routes(Node::Laptop)
+            .unwrap()
+            .iter()
+            .any(|r| r.starts_with("default"))
+    );
+}
