@@ -36,6 +36,10 @@ pub use wg::WgPeerStats;
 use servers::{ServerConfig, Servers};
 use wg::{Keys, WgDevice};
 
+/// Where each instance keeps its files (`STATE_DIR/<id>/`), e.g. the
+/// `resolv.conf` its processes see.
+pub const STATE_DIR: &str = "/run/vstb";
+
 /// Prefix of every namespace a testbed creates: `vstb-<pid>-<n>-<node>`.
 pub const NS_PREFIX: &str = "vstb-";
 /// The VPN interface in `phone` (and its peer in `vpn`).
@@ -382,6 +386,7 @@ pub struct Testbed {
     wg_phone: Option<WgDevice>,
     wg_vpn: Option<WgDevice>,
     build_time: Duration,
+    state_dir: Option<std::path::PathBuf>,
 }
 
 fn is_root() -> bool {
@@ -422,7 +427,12 @@ fn cleanup_matching(pred: impl Fn(&str) -> bool) -> Vec<String> {
             continue;
         }
         match netns::delete(&name) {
-            Ok(()) => removed.push(name),
+            Ok(()) => {
+                if let Some((id, _node)) = name.rsplit_once('-') {
+                    let _ = std::fs::remove_dir_all(std::path::Path::new(STATE_DIR).join(id));
+                }
+                removed.push(name);
+            }
             Err(e) => tracing::warn!(ns = %name, error = %e, "could not remove namespace"),
         }
     }
@@ -501,11 +511,17 @@ impl Testbed {
             wg_phone: None,
             wg_vpn: None,
             build_time: Duration::ZERO,
+            state_dir: None,
         };
         for node in Node::ALL {
-            netns::add(&tb.ns(node))?;
+            let ns = tb.ns(node);
+            // This process never reuses an id, so a namespace of this name was left by
+            // a dead process that had our pid.
+            netns::delete(&ns)?;
+            netns::add(&ns)?;
             tb.created.push(node);
         }
+        tb.write_state_files()?;
         tb.configure_sysctls()?;
         tb.configure_links()?;
         tb.start_vpn(b.wg_threads)?;
@@ -514,6 +530,29 @@ impl Testbed {
         tb.build_time = started.elapsed();
         tracing::info!(id = %tb.id, build_time = ?tb.build_time, "testbed up");
         Ok(tb)
+    }
+
+    /// `STATE_DIR/<id>/<node>.resolv.conf`: the testbed DNS server, for processes
+    /// started with `run_in`.
+    fn write_state_files(&mut self) -> Result<(), Error> {
+        let dir = std::path::Path::new(STATE_DIR).join(&self.id);
+        let io = |what: String| move |source| Error::Io { what, source };
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        self.state_dir = Some(dir.clone());
+        for node in Node::ALL {
+            let mut text = format!(
+                "# vpnshare testbed {} ({}): the testbed's DNS server\nnameserver {}\n",
+                self.id,
+                node.suffix(),
+                self.addrs.dns_v4
+            );
+            if self.ipv6 {
+                text += &format!("nameserver {}\n", self.addrs.dns_v6);
+            }
+            let path = self.resolv_conf(node);
+            std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+        }
+        Ok(())
     }
 
     fn configure_sysctls(&self) -> Result<(), Error> {
@@ -840,6 +879,14 @@ impl Testbed {
         self.addrs.laptop_lan_v4.into()
     }
 
+    /// The file processes started with [`Testbed::run_in`] in `node` see as
+    /// `/etc/resolv.conf`.
+    pub fn resolv_conf(&self, node: Node) -> std::path::PathBuf {
+        std::path::Path::new(STATE_DIR)
+            .join(&self.id)
+            .join(format!("{}.resolv.conf", node.suffix()))
+    }
+
     /// The names the DNS server answers, with their A and AAAA answers.
     pub fn dns_names(&self) -> &[DnsName] {
         &self.names
@@ -905,7 +952,10 @@ impl Testbed {
 
     /// Spawns `cmd` inside `node`, as `ip netns exec` does: the child starts in the
     /// network namespace, in a private mount namespace where `/sys` is that network
-    /// namespace's sysfs (so `/sys/class/net` shows its interfaces). The spawn happens
+    /// namespace's sysfs (so `/sys/class/net` shows its interfaces) and
+    /// `/etc/resolv.conf` is [`Testbed::resolv_conf`] (the testbed's DNS server; what a
+    /// child writes there stays in the testbed, the host's file is untouched; a
+    /// rename over it fails with `EBUSY`). The spawn happens
     /// on a thread that entered both namespaces, so nothing runs between fork and exec
     /// and `cmd`'s own settings all apply (stdio, environment, `uid`/`gid` to run an
     /// unprivileged gateway). The testbed's drop SIGKILLs whatever still runs in its
@@ -913,7 +963,8 @@ impl Testbed {
     pub fn run_in(&self, node: Node, cmd: &mut Command) -> Result<Child, Error> {
         let ns = self.ns(node);
         netns::in_netns(&ns, || -> Result<Child, Error> {
-            netns::private_sysfs(&ns)?;
+            let resolv = self.resolv_conf(node);
+            netns::private_mounts(&ns, resolv.exists().then_some(resolv.as_path()))?;
             cmd.spawn().map_err(|source| Error::Io {
                 what: format!("spawning {:?} in {ns}", cmd.get_program()),
                 source,
@@ -1160,6 +1211,9 @@ impl Drop for Testbed {
             if let Err(e) = netns::delete(&ns) {
                 tracing::warn!(ns, error = %e, "could not delete namespace");
             }
+        }
+        if let Some(dir) = self.state_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
         tracing::debug!(id = %self.id, "testbed down");
     }

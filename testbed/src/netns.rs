@@ -175,9 +175,10 @@ pub(crate) fn kill_processes_in(ns: &str) {
 }
 
 /// Gives the calling thread (which must be one of `in_netns`'s) a private mount
-/// namespace with `/sys` remounted for the network namespace it is in, as
-/// `ip netns exec` does. Children it spawns inherit both.
-pub(crate) fn private_sysfs(ns: &str) -> Result<(), Error> {
+/// namespace with `/sys` remounted for the network namespace it is in, and, when
+/// `resolv_conf` is given, that file bind-mounted over `/etc/resolv.conf`, as
+/// `ip netns exec` does with `/etc/netns/NAME/`. Children it spawns inherit both.
+pub(crate) fn private_mounts(ns: &str, resolv_conf: Option<&Path>) -> Result<(), Error> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let sys_err = |what: &str| {
         let what = format!("{what} (for {ns})");
@@ -204,7 +205,20 @@ pub(crate) fn private_sysfs(ns: &str) -> Result<(), Error> {
         MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(sys_err("mounting sysfs"))
+    .map_err(sys_err("mounting sysfs"))?;
+    if let Some(file) = resolv_conf {
+        if Path::new("/etc/resolv.conf").exists() {
+            mount(
+                Some(file),
+                "/etc/resolv.conf",
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(sys_err("bind-mounting /etc/resolv.conf"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f` on a new thread that has entered the network namespace `ns`, and returns

@@ -350,6 +350,31 @@ fn run_in_spawns_inside_the_namespace() {
     .unwrap();
     assert_eq!(flags & 0x0001, 0x0001, "IFF_TUN not set: {flags:#x}");
 
+    // /etc/resolv.conf names the testbed DNS; a child overwriting it leaves the
+    // host's file alone.
+    let host_resolv = std::fs::read("/etc/resolv.conf").ok();
+    let out = tb
+        .run_in(
+            Node::Laptop,
+            Command::new("sh")
+                .arg("-c")
+                .arg("cat /etc/resolv.conf; echo nameserver 192.0.2.1 > /etc/resolv.conf")
+                .stdout(Stdio::piped()),
+        )
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success());
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        seen.contains(&format!("nameserver {}", tb.addrs().dns_v4)),
+        "{seen}"
+    );
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), host_resolv);
+    let written = std::fs::read_to_string(tb.resolv_conf(Node::Laptop)).unwrap();
+    assert_eq!(written, "nameserver 192.0.2.1\n");
+    let state = tb.resolv_conf(Node::Laptop).parent().unwrap().to_owned();
+
     // The drop kills what still runs inside.
     let sleeper = tb
         .run_in(Node::Laptop, Command::new("sleep").arg("600"))
@@ -359,6 +384,7 @@ fn run_in_spawns_inside_the_namespace() {
     let mut sleeper = sleeper;
     let status = sleeper.wait().unwrap();
     assert!(!status.success(), "sleep {pid} was not killed");
+    assert!(!state.exists(), "{} left behind", state.display());
 }
 
 #[test]
