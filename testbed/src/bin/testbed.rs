@@ -1,14 +1,14 @@
 //! `testbed up [--file-mb N] [--no-ipv6]`: build the topology, print it, wait for
 //! Ctrl-C (or SIGTERM), tear it down.
-//! `testbed cleanup [--all]`: remove the namespaces of dead testbeds (or of all).
+//! `testbed cleanup [--all | --prefix vstb-PID-N]`: remove the namespaces of dead
+//! testbeds (or of all, or those whose name starts with the prefix).
 //! `testbed list`: print the testbed namespaces present.
 
 use std::process::ExitCode;
 
 use nix::sys::signal::{SigSet, Signal};
 
-const USAGE: &str =
-    "usage: testbed up [--file-mb N] [--no-ipv6] | testbed cleanup [--all] | testbed list";
+const USAGE: &str = "usage: testbed up [--file-mb N] [--no-ipv6] | testbed cleanup [--all | --prefix vstb-PID-N] | testbed list";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -34,6 +34,15 @@ fn run(args: &[String]) -> Result<(), String> {
         Some("cleanup") => {
             let removed = match args.get(1).map(String::as_str) {
                 Some("--all") => testbed::cleanup(testbed::NS_PREFIX),
+                Some("--prefix") => match args.get(2) {
+                    Some(p) if p.starts_with(testbed::NS_PREFIX) => testbed::cleanup(p),
+                    _ => {
+                        return Err(format!(
+                            "--prefix needs a prefix starting with {}",
+                            testbed::NS_PREFIX
+                        ));
+                    }
+                },
                 None => testbed::cleanup_stale(),
                 Some(other) => return Err(format!("unknown option {other}\n{USAGE}")),
             };
