@@ -197,15 +197,20 @@ pub(crate) fn private_mounts(ns: &str, resolv_conf: Option<&Path>) -> Result<(),
         None::<&str>,
     )
     .map_err(sys_err("making / a slave mount"))?;
-    umount2("/sys", MntFlags::MNT_DETACH).map_err(sys_err("unmounting /sys"))?;
-    mount(
-        Some(ns),
-        "/sys",
-        Some("sysfs"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(sys_err("mounting sysfs"))?;
+    // As `ip netns exec`: without a fresh sysfs, children see the host's
+    // /sys/class/net, which is worth a warning, not a failure.
+    let remounted = umount2("/sys", MntFlags::MNT_DETACH).and_then(|()| {
+        mount(
+            Some(ns),
+            "/sys",
+            Some("sysfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+    });
+    if let Err(e) = remounted {
+        tracing::warn!(ns, error = %e, "could not remount /sys for the namespace");
+    }
     if let Some(file) = resolv_conf {
         if Path::new("/etc/resolv.conf").exists() {
             mount(
