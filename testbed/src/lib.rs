@@ -928,7 +928,8 @@ impl Testbed {
             .map_or(0, |s| s.stats.dns_queries.load(Ordering::Relaxed))
     }
 
-    /// Datagrams the UDP echo server has echoed so far.
+    /// Datagrams the UDP echo server has echoed so far (`build`'s readiness probes
+    /// included: compare differences).
     pub fn udp_echoes(&self) -> u64 {
         self.servers
             .as_ref()
