@@ -1,5 +1,6 @@
-//! The smoltcp device of one lease: an inbound queue (client → netstack) and an
-//! outbound queue (netstack → client) of pooled buffers, both bounded in bytes.
+//! The smoltcp devices of one lease: inbound queues (client → netstack; one per TCP
+//! flow plus one for packets of no flow) and one outbound queue (netstack → client)
+//! of pooled buffers, bounded in bytes per lease.
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant as SmolInstant;
@@ -74,29 +75,101 @@ impl Queue {
     }
 }
 
-/// One lease's packet plumbing.
+/// One lease's packet plumbing: the outbound queue (towards the client, until the
+/// caller drains it), the queue of packets that belong to no flow, the buffer pools,
+/// and the bytes queued inbound over all of the lease's queues.
 #[derive(Debug)]
-pub(crate) struct LeaseDevice {
-    pub rx: Queue,
+pub(crate) struct LeaseQueues {
+    pub stray_rx: Queue,
     pub tx: Queue,
     pub rx_pool: Pool,
     pub tx_pool: Pool,
     pub mtu: usize,
-    /// Packets smoltcp produced (for counters).
-    pub transmitted: u64,
+    /// Bytes waiting in `stray_rx` and in every flow's inbound queue.
+    pub inbound_bytes: usize,
+    pub max_inbound_bytes: usize,
 }
 
-impl LeaseDevice {
+impl LeaseQueues {
     pub fn new(mtu: usize, max_rx: usize, max_tx: usize) -> Self {
         Self {
-            rx: Queue::new(max_rx),
+            stray_rx: Queue::new(usize::MAX),
             tx: Queue::new(max_tx),
             rx_pool: Pool::default(),
             tx_pool: Pool::default(),
             mtu,
-            transmitted: 0,
+            inbound_bytes: 0,
+            max_inbound_bytes: max_rx,
         }
     }
+
+    /// Copies a client packet into `rx` (a flow's queue, or `None`: the stray queue),
+    /// within the lease's inbound byte budget.
+    pub fn push_inbound(&mut self, rx: Option<&mut Queue>, pkt: &[u8]) -> bool {
+        if self.inbound_bytes.saturating_add(pkt.len()) > self.max_inbound_bytes {
+            return false;
+        }
+        let mut buf = self.rx_pool.take();
+        buf.extend_from_slice(pkt);
+        let rx = match rx {
+            Some(q) => q,
+            None => &mut self.stray_rx,
+        };
+        match rx.push(buf) {
+            Ok(()) => {
+                self.inbound_bytes += pkt.len();
+                true
+            }
+            Err(buf) => {
+                self.rx_pool.give(buf);
+                false
+            }
+        }
+    }
+
+    /// Gives back the buffers of a queue that is dropped (a forgotten flow).
+    pub fn discard(&mut self, rx: &mut Queue) {
+        while let Some(buf) = rx.pop() {
+            self.inbound_bytes = self.inbound_bytes.saturating_sub(buf.len());
+            self.rx_pool.give(buf);
+        }
+    }
+
+    /// The smoltcp device over `rx` (a flow's inbound queue) and the lease's
+    /// outbound queue.
+    pub fn link<'a>(&'a mut self, rx: &'a mut Queue) -> Link<'a> {
+        Link {
+            rx,
+            rx_pool: &mut self.rx_pool,
+            tx: &mut self.tx,
+            tx_pool: &mut self.tx_pool,
+            inbound_bytes: &mut self.inbound_bytes,
+            mtu: self.mtu,
+        }
+    }
+
+    /// The smoltcp device over the stray queue (packets of no flow).
+    pub fn stray_link(&mut self) -> Link<'_> {
+        Link {
+            rx: &mut self.stray_rx,
+            rx_pool: &mut self.rx_pool,
+            tx: &mut self.tx,
+            tx_pool: &mut self.tx_pool,
+            inbound_bytes: &mut self.inbound_bytes,
+            mtu: self.mtu,
+        }
+    }
+}
+
+/// A smoltcp device: one inbound queue and the lease's outbound queue.
+#[derive(Debug)]
+pub(crate) struct Link<'a> {
+    rx: &'a mut Queue,
+    rx_pool: &'a mut Pool,
+    tx: &'a mut Queue,
+    tx_pool: &'a mut Pool,
+    inbound_bytes: &'a mut usize,
+    mtu: usize,
 }
 
 pub(crate) struct RxToken<'a> {
@@ -107,7 +180,6 @@ pub(crate) struct RxToken<'a> {
 pub(crate) struct TxToken<'a> {
     tx: &'a mut Queue,
     pool: &'a mut Pool,
-    transmitted: &'a mut u64,
 }
 
 impl phy::RxToken for RxToken<'_> {
@@ -129,7 +201,6 @@ impl phy::TxToken for TxToken<'_> {
         let mut buf = self.pool.take();
         buf.resize(len, 0);
         let r = f(&mut buf);
-        *self.transmitted += 1;
         if let Err(buf) = self.tx.push(buf) {
             // `transmit` checked for room; a full queue here only loses this packet,
             // which TCP retransmits.
@@ -139,24 +210,30 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
-impl phy::Device for LeaseDevice {
-    type RxToken<'a> = RxToken<'a>;
-    type TxToken<'a> = TxToken<'a>;
+impl phy::Device for Link<'_> {
+    type RxToken<'b>
+        = RxToken<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b>
+    where
+        Self: 'b;
 
     fn receive(&mut self, _: SmolInstant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         if !self.tx.has_room(self.mtu) {
             return None;
         }
         let buf = self.rx.pop()?;
+        *self.inbound_bytes = self.inbound_bytes.saturating_sub(buf.len());
         Some((
             RxToken {
                 buf,
-                pool: &mut self.rx_pool,
+                pool: &mut *self.rx_pool,
             },
             TxToken {
-                tx: &mut self.tx,
-                pool: &mut self.tx_pool,
-                transmitted: &mut self.transmitted,
+                tx: &mut *self.tx,
+                pool: &mut *self.tx_pool,
             },
         ))
     }
@@ -166,9 +243,8 @@ impl phy::Device for LeaseDevice {
             return None;
         }
         Some(TxToken {
-            tx: &mut self.tx,
-            pool: &mut self.tx_pool,
-            transmitted: &mut self.transmitted,
+            tx: &mut *self.tx,
+            pool: &mut *self.tx_pool,
         })
     }
 
@@ -194,6 +270,25 @@ mod tests {
         assert_eq!((q.len(), q.bytes()), (2, 100));
         assert_eq!(q.pop().map(|b| b.len()), Some(60));
         assert_eq!(q.bytes(), 40);
+    }
+
+    #[test]
+    fn inbound_budget_is_per_lease() {
+        let mut q = LeaseQueues::new(1500, 1000, 10_000);
+        let mut flow = Queue::new(usize::MAX);
+        assert!(q.push_inbound(Some(&mut flow), &[0; 600]));
+        assert!(!q.push_inbound(None, &[0; 600]), "over the lease's budget");
+        assert!(q.push_inbound(None, &[0; 400]));
+        assert_eq!(q.inbound_bytes, 1000);
+        q.discard(&mut flow);
+        assert_eq!(q.inbound_bytes, 400);
+        {
+            use smoltcp::phy::{Device, RxToken};
+            let mut link = q.stray_link();
+            let (rx, _) = link.receive(SmolInstant::from_millis(0)).unwrap();
+            assert_eq!(rx.consume(|b| b.len()), 400);
+        }
+        assert_eq!(q.inbound_bytes, 0);
     }
 
     #[test]

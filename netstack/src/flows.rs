@@ -219,6 +219,7 @@ impl<T> FlowTable<T> {
     }
 
     /// Whether the flow's TCP connect is still pending.
+    #[cfg(test)]
     pub fn is_connecting(&self, id: FlowId) -> bool {
         self.entries
             .get(&id)
@@ -234,10 +235,6 @@ impl<T> FlowTable<T> {
 
     pub fn key(&self, id: FlowId) -> Option<FlowKey> {
         self.entries.get(&id).map(|e| e.key)
-    }
-
-    pub fn get(&self, id: FlowId) -> Option<&T> {
-        self.entries.get(&id).map(|e| &e.io)
     }
 
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut T> {
@@ -381,7 +378,9 @@ mod tests {
             Ok(()),
             "another lease is not affected"
         );
+        assert!(t.is_connecting(a));
         t.connected(a, 60, &caps, now).unwrap();
+        assert!(!t.is_connecting(a));
         t.insert(tcp(1, 3), (), now, later);
         assert_eq!(t.admit(&tcp(1, 4), &caps), Err(DropReason::TcpFlowCap));
         assert_eq!(

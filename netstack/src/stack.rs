@@ -1,11 +1,14 @@
 //! The netstack: leases, flows, the smoltcp interfaces and the OS sockets.
 //!
-//! One [`Netstack`] serves every lease of the gateway. Each lease has its own smoltcp
-//! `Interface` (any-IP, medium IP, MTU = lease MTU, so smoltcp's MSS follows the
-//! lease) with its own socket set and packet queues: per-peer caps and draining are
-//! then per-interface facts, and one peer's sockets are never scanned for another's.
-//! TCP goes through smoltcp; UDP, DNS and ICMP echo are handled directly on packets
-//! (endpoint-independent mappings need no TCP state machine).
+//! One [`Netstack`] serves every lease of the gateway. Client packets are classified
+//! here (bounded parsing in `packet`) and looked up in the sans-IO flow table by their
+//! 5-tuple. TCP goes through smoltcp: every open TCP flow has its own small smoltcp
+//! `Interface` (any-IP, medium IP, MTU = lease MTU, so smoltcp's MSS follows the lease)
+//! with one socket and its own inbound queue, so smoltcp never scans other flows'
+//! sockets to match a segment; each lease also has a socket-less interface that answers
+//! packets of no flow with RST. UDP, DNS and ICMP echo are handled directly on packets
+//! (endpoint-independent mappings need no TCP state machine). All of a lease's
+//! interfaces send into one outbound queue per lease, which the caller drains.
 //!
 //! OS sockets are non-blocking and registered edge-triggered with one `mio::Poll`
 //! (epoll). The caller either blocks in [`Netstack::wait`] or puts
@@ -15,7 +18,7 @@
 
 use crate::config::Config;
 use crate::counters::{Counters, DropReason, LeaseStats};
-use crate::device::LeaseDevice;
+use crate::device::{LeaseQueues, Queue};
 use crate::dns::{self, CacheKey, DnsCache};
 use crate::egress::{self, Kind, SocketHook};
 use crate::flows::{Expiry, FlowId, FlowKey, FlowTable};
@@ -130,10 +133,37 @@ enum TcpState {
     /// OS connect in progress; the client's SYN waits here.
     Connecting { syn: Vec<u8> },
     /// smoltcp socket created; relaying.
-    Open {
-        handle: SocketHandle,
-        opened: Instant,
-    },
+    Open(Box<OpenTcp>),
+}
+
+/// A relayed TCP flow's smoltcp side: its own interface (any-IP, MTU = lease MTU)
+/// with one socket, fed from the flow's own inbound queue. Packets reach it through
+/// the flow table's 5-tuple index, so smoltcp never scans other flows' sockets to
+/// match a segment, and no other flow's SYN can reach its listener.
+struct OpenTcp {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    rx: Queue,
+    opened: Instant,
+}
+
+impl std::fmt::Debug for OpenTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenTcp")
+            .field("opened", &self.opened)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Relay bookkeeping of a TCP flow's OS side.
+#[derive(Debug, Default)]
+struct RelayState {
+    readable: bool,
+    writable: bool,
+    os_eof: bool,
+    os_shut_wr: bool,
+    established: bool,
 }
 
 #[derive(Debug)]
@@ -141,13 +171,7 @@ struct TcpFlow {
     key: TcpKey,
     stream: mio::net::TcpStream,
     state: TcpState,
-    readable: bool,
-    writable: bool,
-    os_eof: bool,
-    os_shut_wr: bool,
-    established: bool,
-    /// Set when the flow is found finished by a client RST or an abort.
-    abortive_close: bool,
+    relay: RelayState,
 }
 
 #[derive(Debug)]
@@ -202,11 +226,15 @@ impl PingKey {
 
 struct Peer {
     lease: Lease,
+    /// Answers packets that belong to no flow (RST for stray TCP segments and
+    /// refused SYNs); it never has a socket.
     iface: Interface,
     sockets: SocketSet<'static>,
-    dev: LeaseDevice,
+    q: LeaseQueues,
     dns_pending: usize,
     dirty: bool,
+    /// The earliest smoltcp timer of the lease's flows (computed when serviced).
+    next_poll: Option<Instant>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -236,15 +264,15 @@ impl Peer {
         counters: &mut Counters,
         build: impl FnOnce(&mut Vec<u8>) -> Result<(), packet::BuildError>,
     ) -> bool {
-        let mut buf = self.dev.tx_pool.take();
+        let mut buf = self.q.tx_pool.take();
         if build(&mut buf).is_err() {
-            self.dev.tx_pool.give(buf);
+            self.q.tx_pool.give(buf);
             return false;
         }
-        match self.dev.tx.push(buf) {
+        match self.q.tx.push(buf) {
             Ok(()) => true,
             Err(buf) => {
-                self.dev.tx_pool.give(buf);
+                self.q.tx_pool.give(buf);
                 counters.drop(DropReason::QueueFull);
                 false
             }
@@ -257,19 +285,25 @@ impl Peer {
         }
     }
 
-    /// Queues a client packet for smoltcp.
-    fn queue_for_smoltcp(&mut self, counters: &mut Counters, pkt: &[u8]) {
-        if !self.dev.rx.has_room(pkt.len()) {
-            counters.drop(DropReason::QueueFull);
-            return;
-        }
-        let mut buf = self.dev.rx_pool.take();
-        buf.extend_from_slice(pkt);
-        if let Err(buf) = self.dev.rx.push(buf) {
-            self.dev.rx_pool.give(buf);
+    /// Queues a client packet of no flow for the stray interface (which answers TCP
+    /// with RST).
+    fn queue_stray(&mut self, counters: &mut Counters, pkt: &[u8]) {
+        if !self.q.push_inbound(None, pkt) {
             counters.drop(DropReason::QueueFull);
         }
         self.dirty = true;
+    }
+
+    /// Queues a client packet for an open TCP flow's interface.
+    fn queue_for_flow(&mut self, counters: &mut Counters, rx: &mut Queue, pkt: &[u8]) {
+        if !self.q.push_inbound(Some(rx), pkt) {
+            counters.drop(DropReason::QueueFull);
+        }
+        self.dirty = true;
+    }
+
+    fn new_interface(&mut self, now: SmolInstant, rx: Option<&mut Queue>) -> Interface {
+        new_interface(&mut self.q, now, rx)
     }
 }
 
@@ -315,6 +349,7 @@ pub struct Netstack {
     tcp_scratch: Vec<FlowId>,
     dgram_scratch: Vec<FlowId>,
     due_scratch: Vec<LeaseId>,
+    finished_scratch: Vec<(FlowId, bool)>,
 }
 
 impl std::fmt::Debug for Netstack {
@@ -372,6 +407,7 @@ impl Netstack {
             tcp_scratch: Vec::new(),
             dgram_scratch: Vec::new(),
             due_scratch: Vec::new(),
+            finished_scratch: Vec::new(),
         })
     }
 
@@ -387,27 +423,23 @@ impl Netstack {
             return Err(NetstackError::LeaseExists(lease.id));
         }
         let caps = &self.config.caps;
-        let mut dev = LeaseDevice::new(
+        let q = LeaseQueues::new(
             usize::from(lease.mtu),
             caps.max_inbound_queue_bytes,
             caps.max_outbound_queue_bytes,
         );
-        let mut cfg = smoltcp::iface::Config::new(HardwareAddress::Ip);
-        cfg.random_seed = rand::random();
-        let now = self.smol(Instant::now());
-        let mut iface = Interface::new(cfg, &mut dev, now);
-        iface.set_any_ip(true);
-        self.peers.insert(
-            lease.id,
-            Peer {
-                lease: lease.clone(),
-                iface,
-                sockets: SocketSet::new(Vec::new()),
-                dev,
-                dns_pending: 0,
-                dirty: false,
-            },
-        );
+        let mut q = q;
+        let iface = new_interface(&mut q, self.smol(Instant::now()), None);
+        let peer = Peer {
+            lease: lease.clone(),
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            q,
+            dns_pending: 0,
+            dirty: false,
+            next_poll: None,
+        };
+        self.peers.insert(lease.id, peer);
         Ok(())
     }
 
@@ -498,8 +530,8 @@ impl Netstack {
             ping_flows: u.ping,
             dns_pending: p.dns_pending,
             buffer_bytes: u.buffer_bytes,
-            inbound_queue_bytes: p.dev.rx.bytes(),
-            outbound_queue_bytes: p.dev.tx.bytes(),
+            inbound_queue_bytes: p.q.inbound_bytes,
+            outbound_queue_bytes: p.q.tx.bytes(),
         })
     }
 
@@ -507,7 +539,7 @@ impl Netstack {
     pub fn leases_with_output(&self) -> impl Iterator<Item = LeaseId> + '_ {
         self.peers
             .iter()
-            .filter(|(_, p)| !p.dev.tx.is_empty())
+            .filter(|(_, p)| !p.q.tx.is_empty())
             .map(|(id, _)| *id)
     }
 
@@ -523,13 +555,13 @@ impl Netstack {
             return 0;
         };
         let mut n = 0;
-        while let Some(len) = peer.dev.tx.front_len() {
+        while let Some(len) = peer.q.tx.front_len() {
             if n > 0 && batch.bytes().saturating_add(len) > max_bytes {
                 break;
             }
-            let Some(buf) = peer.dev.tx.pop() else { break };
+            let Some(buf) = peer.q.tx.pop() else { break };
             batch.push(&buf);
-            peer.dev.tx_pool.give(buf);
+            peer.q.tx_pool.give(buf);
             n += 1;
         }
         if n > 0 {
@@ -584,7 +616,7 @@ impl Netstack {
                 if gateway && (dst_port != 53 || self.upstreams.is_empty()) {
                     // The gateway address is no real host and serves only DNS: the
                     // SYN meets no listener, smoltcp answers RST.
-                    peer.queue_for_smoltcp(&mut self.counters, pkt);
+                    peer.queue_stray(&mut self.counters, pkt);
                     return;
                 }
                 self.tcp_packet(lease, pkt, &parsed, syn && !ack && !rst, now)
@@ -648,11 +680,13 @@ impl Netstack {
             remote: SocketAddr::new(p.dst, p.dst_port()),
         };
         if let Some(id) = self.flows.lookup(&key.flow_key()) {
-            // A retransmitted SYN while the OS connect runs: the held one answers it.
-            if !self.flows.is_connecting(id)
+            // While the OS connect runs, a retransmitted SYN is dropped: the held one
+            // answers it.
+            if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id)
+                && let TcpState::Open(open) = &mut flow.state
                 && let Some(peer) = self.peers.get_mut(&lease)
             {
-                peer.queue_for_smoltcp(&mut self.counters, pkt);
+                peer.queue_for_flow(&mut self.counters, &mut open.rx, pkt);
             }
             return;
         }
@@ -661,7 +695,7 @@ impl Netstack {
         };
         if !syn {
             // No flow: smoltcp answers with RST (it has no socket for it).
-            peer.queue_for_smoltcp(&mut self.counters, pkt);
+            peer.queue_stray(&mut self.counters, pkt);
             return;
         }
         let to_dns = peer.is_dns(p.dst, key.remote.port());
@@ -701,12 +735,7 @@ impl Netstack {
                 key,
                 stream,
                 state: TcpState::Connecting { syn: pkt.to_vec() },
-                readable: false,
-                writable: false,
-                os_eof: false,
-                os_shut_wr: false,
-                established: false,
-                abortive_close: false,
+                relay: RelayState::default(),
             }),
             now,
             Some(now + self.config.timeouts.tcp_connect),
@@ -722,7 +751,7 @@ impl Netstack {
             None => {
                 self.counters.tcp_refused += 1;
                 // No listener exists for it: smoltcp answers the SYN with RST.
-                peer.queue_for_smoltcp(&mut self.counters, syn);
+                peer.queue_stray(&mut self.counters, syn);
             }
             Some(kind) => {
                 self.counters.tcp_unreachable += 1;
@@ -768,7 +797,7 @@ impl Netstack {
         if let Err(reason) = self.flows.connected(id, need, &self.config.caps, now) {
             self.counters.drop(reason);
             if let Some(peer) = self.peers.get_mut(&key.lease()) {
-                peer.queue_for_smoltcp(&mut self.counters, &syn); // no listener: RST
+                peer.queue_stray(&mut self.counters, &syn); // no listener: RST
             }
             self.forget_flow(id, true);
             return;
@@ -793,21 +822,32 @@ impl Netstack {
             return;
         }
         sock.set_nagle_enabled(false);
-        let handle = peer.sockets.add(sock);
-        flow.state = TcpState::Open {
+        let mut rx = Queue::new(usize::MAX);
+        let iface = peer.new_interface(smol_now, Some(&mut rx));
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(sock);
+        let mut open = Box::new(OpenTcp {
+            iface,
+            sockets,
             handle,
+            rx,
             opened: now,
-        };
+        });
+        // The held SYN goes to the flow's own interface, whose only socket listens on
+        // its destination; smoltcp answers SYN-ACK.
+        peer.queue_for_flow(&mut self.counters, &mut open.rx, &syn);
+        {
+            let OpenTcp {
+                iface, sockets, rx, ..
+            } = &mut *open;
+            iface.poll(smol_now, &mut peer.q.link(rx), sockets);
+        }
+        flow.state = TcpState::Open(open);
         // The connect consumed the socket's first (edge-triggered) events: assume
         // both ways ready until the OS says would-block.
-        flow.readable = true;
-        flow.writable = true;
+        flow.relay.readable = true;
+        flow.relay.writable = true;
         self.counters.tcp_connected += 1;
-        // The SYN goes in and is processed at once, before any other listener for the
-        // same destination can exist.
-        peer.queue_for_smoltcp(&mut self.counters, &syn);
-        peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
-        peer.dirty = true;
     }
 
     /// Drops a flow's state (sockets closed; `abortive`: TCP peer gets RST).
@@ -821,10 +861,10 @@ impl Netstack {
                 if abortive {
                     egress::set_abortive(&f.stream);
                 }
-                if let TcpState::Open { handle, .. } = f.state
+                if let TcpState::Open(mut open) = f.state
                     && let Some(peer) = self.peers.get_mut(&key.lease())
                 {
-                    peer.sockets.remove(handle);
+                    peer.q.discard(&mut open.rx);
                 }
             }
             Flow::Udp(mut f) => {
@@ -850,14 +890,13 @@ impl Netstack {
                             peer.icmp_error(&mut self.counters, &syn, IcmpError::NetUnreachable);
                         }
                     }
-                    TcpState::Open { handle, .. } => {
-                        let handle = *handle;
+                    TcpState::Open(open) => {
                         egress::set_abortive(&flow.stream);
                         let _ = flow.stream.shutdown(Shutdown::Both);
-                        flow.os_eof = true;
-                        flow.os_shut_wr = true;
+                        flow.relay.os_eof = true;
+                        flow.relay.os_shut_wr = true;
+                        open.sockets.get_mut::<tcp::Socket>(open.handle).abort();
                         if let Some(peer) = self.peers.get_mut(&lease) {
-                            peer.sockets.get_mut::<tcp::Socket>(handle).abort();
                             peer.dirty = true;
                         }
                     }
@@ -982,7 +1021,7 @@ impl Netstack {
         let mtu = usize::from(peer.lease.mtu);
         let mut exhausted = true;
         for _ in 0..DGRAM_BUDGET {
-            if !*readable || !peer.dev.tx.has_room(mtu) {
+            if !*readable || !peer.q.tx.has_room(mtu) {
                 exhausted = false;
                 break;
             }
@@ -1341,17 +1380,11 @@ impl Netstack {
             self.collect_events();
             self.handle_ready(now);
         }
-        let smol_now = self.smol(now);
         self.more_work = false;
         let mut due = std::mem::take(&mut self.due_scratch);
         due.clear();
         for (id, p) in self.peers.iter_mut() {
-            if p.dirty
-                || !p.dev.rx.is_empty()
-                || p.iface
-                    .poll_at(smol_now, &p.sockets)
-                    .is_some_and(|t| t <= smol_now)
-            {
+            if p.dirty || !p.q.stray_rx.is_empty() || p.next_poll.is_some_and(|t| t <= now) {
                 due.push(*id);
             }
         }
@@ -1373,13 +1406,13 @@ impl Netstack {
         };
         for p in self.peers.values_mut() {
             p.dirty = false;
-            if !p.dev.tx.has_room(p.dev.mtu) {
+            if !p.q.tx.has_room(p.q.mtu) {
                 // smoltcp waits for the caller to drain (which marks the peer dirty
                 // again): no timer for that, or the caller would spin.
                 continue;
             }
-            if let Some(t) = p.iface.poll_at(smol_now, &p.sockets) {
-                let t = std_time(self.epoch, t).max(now);
+            if let Some(t) = p.next_poll {
+                let t = t.max(now);
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         }
@@ -1411,8 +1444,8 @@ impl Netstack {
                         self.tcp_connect_event(id, now);
                         continue;
                     }
-                    f.readable |= readable;
-                    f.writable |= writable;
+                    f.relay.readable |= readable;
+                    f.relay.writable |= writable;
                     f.key.lease
                 }
                 Some(Flow::Udp(f)) => {
@@ -1433,7 +1466,7 @@ impl Netstack {
     }
 
     /// Relays one lease's TCP flows and datagram mappings and runs its smoltcp
-    /// interface.
+    /// interfaces (the stray one and one per open TCP flow).
     fn service_peer(&mut self, lease: LeaseId, now: Instant) {
         let smol_now = self.smol(now);
         // Reused id lists: no allocation per poll in steady state.
@@ -1448,43 +1481,63 @@ impl Netstack {
             self.tcp_scratch = tcp_ids;
             return;
         };
-        peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
-        for _ in 0..RELAY_ROUNDS {
-            let mut moved = false;
-            for &id in &tcp_ids {
-                if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id)
-                    && relay(flow, &mut peer.sockets)
-                {
-                    moved = true;
-                    self.flows.touch(id, now);
+        peer.iface
+            .poll(smol_now, &mut peer.q.stray_link(), &mut peer.sockets);
+        let mut next: Option<SmolInstant> = None;
+        // Keep only the finished flows in the list (with how to close them).
+        let mut finished = std::mem::take(&mut self.finished_scratch);
+        finished.clear();
+        for &id in &tcp_ids {
+            let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
+                continue;
+            };
+            let TcpFlow {
+                key,
+                stream,
+                state,
+                relay: st,
+            } = flow;
+            let TcpState::Open(open) = state else {
+                continue;
+            };
+            let OpenTcp {
+                iface,
+                sockets,
+                handle,
+                rx,
+                opened,
+            } = &mut **open;
+            iface.poll(smol_now, &mut peer.q.link(rx), sockets);
+            let mut moved_any = false;
+            for _ in 0..RELAY_ROUNDS {
+                let moved = relay(
+                    stream,
+                    st,
+                    key.client,
+                    sockets.get_mut::<tcp::Socket>(*handle),
+                );
+                iface.poll(smol_now, &mut peer.q.link(rx), sockets);
+                if !moved {
+                    break;
                 }
+                moved_any = true;
             }
-            peer.iface.poll(smol_now, &mut peer.dev, &mut peer.sockets);
-            if !moved {
-                break;
+            if let Some(t) = iface.poll_at(smol_now, sockets) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+            let sock = sockets.get::<tcp::Socket>(*handle);
+            if let Some(abortive) = finished_state(st, sock, *opened, now) {
+                finished.push((id, abortive));
+            }
+            if moved_any {
+                self.flows.touch(id, now);
             }
         }
-        // Keep only the finished flows in the list, then forget them.
-        tcp_ids.retain(|&id| match self.flows.get_mut(id) {
-            Some(Flow::Tcp(flow)) => match finished_state(flow, &peer.sockets, now) {
-                Some(abortive) => {
-                    flow.abortive_close = abortive;
-                    true
-                }
-                None => false,
-            },
-            _ => false,
-        });
-        for &id in &tcp_ids {
-            let abortive = matches!(
-                self.flows.get(id),
-                Some(Flow::Tcp(TcpFlow {
-                    abortive_close: true,
-                    ..
-                }))
-            );
+        peer.next_poll = next.map(|t| std_time(self.epoch, t));
+        for &(id, abortive) in &finished {
             self.forget_flow(id, abortive);
         }
+        self.finished_scratch = finished;
         self.tcp_scratch = tcp_ids;
     }
 
@@ -1529,41 +1582,54 @@ impl Netstack {
     }
 }
 
+/// A smoltcp interface in any-IP mode over `rx` (a flow's queue) or, for `None`,
+/// the lease's stray queue; MTU = the lease MTU, so smoltcp's MSS follows it.
+fn new_interface(q: &mut LeaseQueues, now: SmolInstant, rx: Option<&mut Queue>) -> Interface {
+    let mut cfg = smoltcp::iface::Config::new(HardwareAddress::Ip);
+    cfg.random_seed = rand::random();
+    let mut iface = match rx {
+        Some(rx) => Interface::new(cfg, &mut q.link(rx), now),
+        None => Interface::new(cfg, &mut q.stray_link(), now),
+    };
+    iface.set_any_ip(true);
+    iface
+}
+
 fn std_time(epoch: Instant, t: SmolInstant) -> Instant {
     epoch + Duration::from_micros(u64::try_from(t.total_micros()).unwrap_or(0))
 }
 
 /// Moves data both ways between a flow's OS socket and its smoltcp socket, as far as
 /// each side's buffers allow. Returns whether anything moved.
-fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
-    let TcpState::Open { handle, .. } = flow.state else {
-        return false;
-    };
-    let sock = sockets.get_mut::<tcp::Socket>(handle);
+fn relay(
+    stream: &mio::net::TcpStream,
+    st: &mut RelayState,
+    client: SocketAddr,
+    sock: &mut tcp::Socket<'static>,
+) -> bool {
     let mut moved = false;
-    if !flow.established {
+    if !st.established {
         use tcp::State::*;
-        if matches!(
+        if !matches!(
             sock.state(),
             Established | FinWait1 | FinWait2 | CloseWait | Closing | LastAck | TimeWait
         ) {
-            if sock
-                .remote_endpoint()
-                .map(|e| SocketAddr::new(e.addr.into(), e.port))
-                != Some(flow.key.client)
-            {
-                // Another flow's SYN reached this listener: refuse rather than mix.
-                sock.abort();
-                return true;
-            }
-            flow.established = true;
-        } else {
             return false;
         }
+        if sock
+            .remote_endpoint()
+            .map(|e| SocketAddr::new(e.addr.into(), e.port))
+            != Some(client)
+        {
+            // Cannot happen (the interface only sees this flow's packets): refuse
+            // rather than mix two flows.
+            sock.abort();
+            return true;
+        }
+        st.established = true;
     }
     // Client → OS, as fast as the OS socket takes it.
-    while flow.writable && sock.can_recv() {
-        let stream = &flow.stream;
+    while st.writable && sock.can_recv() {
         let r = sock.recv(|buf| match (&*stream).write(buf) {
             Ok(n) => (n, Ok(n)),
             Err(e) => (0, Err(e)),
@@ -1571,10 +1637,11 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
         match r {
             Ok(Ok(0)) | Err(_) => break,
             Ok(Ok(_)) => moved = true,
-            Ok(Err(e)) if is_would_block(&e) => flow.writable = false,
+            Ok(Err(e)) if is_would_block(&e) => st.writable = false,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(_)) => {
                 sock.abort();
-                flow.os_eof = true;
+                st.os_eof = true;
                 return true;
             }
         }
@@ -1582,22 +1649,17 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
     // Client's FIN, once its data is out: half-close the OS side. (CLOSED without
     // that is the client's RST: the flow is then closed abortively, RST to the server,
     // not FIN.)
-    if !flow.os_shut_wr
+    if !st.os_shut_wr
         && !sock.may_recv()
         && sock.recv_queue() == 0
         && sock.state() != tcp::State::Closed
     {
-        let _ = flow.stream.shutdown(Shutdown::Write);
-        flow.os_shut_wr = true;
+        let _ = stream.shutdown(Shutdown::Write);
+        st.os_shut_wr = true;
         moved = true;
     }
     // OS → client, only as far as the smoltcp send buffer has room.
-    while flow.readable
-        && !flow.os_eof
-        && sock.may_send()
-        && sock.send_queue() < sock.send_capacity()
-    {
-        let stream = &flow.stream;
+    while st.readable && !st.os_eof && sock.may_send() && sock.send_queue() < sock.send_capacity() {
         let r = sock.send(|buf| {
             if buf.is_empty() {
                 return (0, Ok(None));
@@ -1609,19 +1671,19 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
         });
         match r {
             Ok(Ok(Some(0))) => {
-                flow.os_eof = true;
+                st.os_eof = true;
                 sock.close();
                 moved = true;
             }
             Ok(Ok(Some(_))) => moved = true,
             Ok(Ok(None)) | Err(_) => break,
-            Ok(Err(e)) if is_would_block(&e) => flow.readable = false,
+            Ok(Err(e)) if is_would_block(&e) => st.readable = false,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(_)) => {
                 // Reset by the server: reset the client.
                 sock.abort();
-                flow.os_eof = true;
-                flow.os_shut_wr = true;
+                st.os_eof = true;
+                st.os_shut_wr = true;
                 return true;
             }
         }
@@ -1630,14 +1692,15 @@ fn relay(flow: &mut TcpFlow, sockets: &mut SocketSet<'static>) -> bool {
 }
 
 /// Whether a flow is over: `Some(abortive)` when it can be forgotten.
-fn finished_state(flow: &TcpFlow, sockets: &SocketSet<'static>, now: Instant) -> Option<bool> {
-    let TcpState::Open { handle, opened } = flow.state else {
-        return None;
-    };
-    let sock = sockets.get::<tcp::Socket>(handle);
+fn finished_state(
+    st: &RelayState,
+    sock: &tcp::Socket<'static>,
+    opened: Instant,
+    now: Instant,
+) -> Option<bool> {
     match sock.state() {
         // Aborted, reset by the client, or closed after LAST-ACK.
-        tcp::State::Closed => Some(!(flow.os_eof && flow.os_shut_wr)),
+        tcp::State::Closed => Some(!(st.os_eof && st.os_shut_wr)),
         tcp::State::TimeWait if sock.recv_queue() == 0 => Some(false),
         tcp::State::Listen if now.duration_since(opened) >= LISTEN_GRACE => Some(true),
         _ => None,
