@@ -1,0 +1,945 @@
+//! The worker's logic, sans-IO: fed with records, broker messages, netstack batches and
+//! the current time; it produces records to send, packet batches for the netstack and
+//! messages for the broker. No sockets, no clock, no threads — the driver
+//! ([`crate::driver`]) moves the bytes. The one exception is the key oracle, which the
+//! handshake calls synchronously ([`crate::oracle`]).
+//!
+//! Life of a session:
+//!
+//! 1. HANDSHAKE_INIT: shown to the key holder, read by a [`Responder`], answered with
+//!    HANDSHAKE_RESP (payload: HELLO with our capabilities). IK is then established; XX
+//!    waits for HANDSHAKE_FINAL. A retransmitted INIT gets the same RESP again.
+//! 2. Established: the broker gets `Finished` (peer key, handshake hash, a RESUME
+//!    ticket if the payload carried one) and decides.
+//! 3. `Admit(lease)`: CONFIG and HELLO go to the peer in one DATA record; packets flow.
+//!    `Pending`: an authenticated ERROR `PendingApproval`; the session waits for a
+//!    later decision (PINGs are answered, packets are dropped and counted).
+//!    `Refuse`: ERROR with the mapped reason, CLOSE, exit.
+//! 4. DATA: IP_PACKET batches are validated packet by packet ([`packet_policy`]) and
+//!    the valid ones appended to reused [`PacketBatch`]es; PING gets PONG; CLOSE ends.
+//!    Return packets are packed into as few DATA records as the transport's record
+//!    size allows.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc_schema::PacketBatch;
+use ipc_schema::messages::broker_worker::{
+    BrokerToWorker, Decision, HandshakeId, Refusal, SealedTicket, SessionEnd, WorkerToBroker,
+};
+use ipc_schema::messages::common::{PeerKey, ShutdownReason};
+use vshp::handshake::{Next, Responder};
+use vshp::lease::{Lease, LeaseId};
+use vshp::message::{CloseReason, ErrorReason, Keepalive, Message, MessageError, MessageWriter};
+use vshp::record::{
+    self, AEAD_TAG_LEN, Capabilities, ErrorRecord, HEADER_LEN, MAX_RECORD_LEN, Pattern, Record,
+    RecordError, RecordKind, SessionIndex,
+};
+use vshp::transport::{Session, TransportMode};
+
+use crate::counters::Stats;
+use crate::oracle::HandshakeOracle;
+use crate::packet_policy::{self, PacketPolicy};
+
+/// Default largest datagram the worker sends on UDP when it can choose (one packet
+/// that needs more still gets a record of its own).
+pub const DEFAULT_DATAGRAM_RECORD: usize = 1400;
+/// Bytes a DATA record adds around its plaintext.
+pub const DATA_OVERHEAD: usize = HEADER_LEN + AEAD_TAG_LEN;
+/// The stream length prefix.
+const STREAM_PREFIX: usize = 2;
+/// Most packets in one netstack batch (`ipc_schema::limits::MAX_BATCH_PACKETS`).
+const MAX_BATCH_PACKETS: usize = ipc_schema::limits::MAX_BATCH_PACKETS;
+
+/// How the core behaves; [`CoreConfig::new`] has the defaults.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub mode: TransportMode,
+    pub policy: PacketPolicy,
+    /// Largest record the worker builds when packing return packets. Datagram default
+    /// [`DEFAULT_DATAGRAM_RECORD`], stream default [`MAX_RECORD_LEN`].
+    pub max_record: usize,
+    /// Capability bits announced in HANDSHAKE_RESP and in HELLO.
+    pub capabilities: Capabilities,
+    /// The session ends when nothing arrived from the peer for this long.
+    pub idle_timeout: Duration,
+    /// Most handshakes one worker runs (retransmitted INITs do not count).
+    pub max_handshakes: u64,
+}
+
+impl CoreConfig {
+    pub fn new(mode: TransportMode) -> Self {
+        Self {
+            mode,
+            policy: PacketPolicy::default(),
+            max_record: match mode {
+                TransportMode::Datagram => DEFAULT_DATAGRAM_RECORD,
+                TransportMode::Stream => MAX_RECORD_LEN,
+            },
+            capabilities: Capabilities::ALL_V1,
+            idle_timeout: Duration::from_secs(180),
+            max_handshakes: 8,
+        }
+    }
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No session yet: waiting for (the rest of) a handshake.
+    Handshake,
+    /// Handshake done, `Finished` sent, no decision yet.
+    AwaitDecision,
+    /// The broker said `Pending`: the user has not approved the peer yet.
+    Pending,
+    /// Packets flow under the lease.
+    Admitted,
+    /// The worker is done; see [`WorkerCore::exit`].
+    Closed,
+}
+
+/// Why the worker ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The peer sent CLOSE or ended the stream.
+    PeerClosed,
+    /// Idle timeout or session expiry.
+    Timeout,
+    /// The transport failed.
+    TransportError,
+    /// The peer broke the protocol beyond recovery (stream corruption).
+    ProtocolError,
+    /// The broker refused the peer.
+    Refused(Refusal),
+    /// The broker told the worker to stop.
+    Shutdown(ShutdownReason),
+}
+
+impl Exit {
+    /// The process exit status for this ending.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::PeerClosed | Self::Timeout | Self::Refused(_) | Self::Shutdown(_) => 0,
+            Self::TransportError => 3,
+            Self::ProtocolError => 4,
+        }
+    }
+}
+
+/// Records waiting to be sent, back to back in one reused buffer; framed with the
+/// length prefix in stream mode, so the driver writes them in one go.
+#[derive(Debug)]
+pub struct RecordQueue {
+    stream: bool,
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl RecordQueue {
+    fn new(stream: bool) -> Self {
+        Self {
+            stream,
+            buf: Vec::with_capacity(4 * MAX_RECORD_LEN),
+            ends: Vec::with_capacity(256),
+        }
+    }
+
+    fn prefix_len(&self) -> usize {
+        if self.stream { STREAM_PREFIX } else { 0 }
+    }
+
+    /// Appends a record already built.
+    fn push(&mut self, rec: &[u8]) {
+        if self.stream {
+            let len = u16::try_from(rec.len()).unwrap_or(u16::MAX);
+            self.buf.extend_from_slice(&len.to_be_bytes());
+        }
+        self.buf.extend_from_slice(rec);
+        self.ends.push(self.buf.len());
+    }
+
+    /// Room for a record of up to `max_record` bytes; returns where it starts.
+    fn reserve(&mut self, max_record: usize) -> usize {
+        let start = self.buf.len();
+        self.buf.resize(start + self.prefix_len() + max_record, 0);
+        start
+    }
+
+    /// Keeps `len` record bytes at `start` (writes the prefix) or drops the reservation.
+    fn commit(&mut self, start: usize, len: Option<usize>) {
+        match len {
+            Some(len) => {
+                let p = self.prefix_len();
+                if self.stream {
+                    let l = u16::try_from(len).unwrap_or(u16::MAX).to_be_bytes();
+                    if let Some(dst) = self.buf.get_mut(start..start + STREAM_PREFIX) {
+                        dst.copy_from_slice(&l);
+                    }
+                }
+                self.buf.truncate(start + p + len);
+                self.ends.push(self.buf.len());
+            }
+            None => self.buf.truncate(start),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Every queued record (with its prefix in stream mode), in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .filter_map(|(s, e)| self.buf.get(s..e))
+    }
+
+    /// All queued bytes (stream mode: write them as they are).
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
+    }
+}
+
+/// One handshake in flight.
+struct Pending {
+    id: HandshakeId,
+    responder: Responder,
+}
+
+/// The sans-IO worker.
+pub struct WorkerCore {
+    config: CoreConfig,
+    oracle: Arc<dyn HandshakeOracle>,
+    phase: Phase,
+    exit: Option<Exit>,
+    handshake: Option<Pending>,
+    next_handshake: u64,
+    /// The last INIT answered and our RESP to it (a retransmitted INIT gets it again).
+    init_cache: Vec<u8>,
+    resp_cache: Vec<u8>,
+    /// The handshake whose session is current and the peer it authenticated.
+    session_id: Option<HandshakeId>,
+    peer: Option<[u8; 32]>,
+    session: Option<Session>,
+    lease: Option<Lease>,
+    last_rx: Duration,
+    stats: Stats,
+    records: RecordQueue,
+    to_broker: Vec<WorkerToBroker>,
+    current: PacketBatch,
+    ready: VecDeque<PacketBatch>,
+    pool: Vec<PacketBatch>,
+    payload: Vec<u8>,
+    pending_pong: Option<Keepalive>,
+    /// A RESUME ticket from an INIT payload (IK), until the handshake finishes.
+    pending_ticket: Option<SealedTicket>,
+}
+
+impl std::fmt::Debug for WorkerCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCore")
+            .field("phase", &self.phase)
+            .field("exit", &self.exit)
+            .field("session_id", &self.session_id)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A random non-zero session index.
+fn random_index() -> SessionIndex {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let rng = SystemRandom::new();
+    let mut b = [0u8; 4];
+    for _ in 0..8 {
+        if rng.fill(&mut b).is_ok() {
+            let v = u32::from_be_bytes(b);
+            if v != 0 {
+                return SessionIndex(v);
+            }
+        }
+    }
+    // getrandom failing eight times is not a state to run a handshake in; a fixed
+    // index is still correct (indices route, they do not protect).
+    SessionIndex(1)
+}
+
+fn refusal_reason(r: Refusal) -> ErrorReason {
+    match r {
+        Refusal::NotApproved | Refusal::PairingDenied => ErrorReason::NotApproved,
+        Refusal::Revoked => ErrorReason::Revoked,
+        Refusal::VpnUnavailable => ErrorReason::VpnUnavailable,
+        Refusal::Overload => ErrorReason::Overloaded,
+    }
+}
+
+impl WorkerCore {
+    pub fn new(config: CoreConfig, oracle: Arc<dyn HandshakeOracle>, now: Duration) -> Self {
+        let stream = config.mode == TransportMode::Stream;
+        Self {
+            config,
+            oracle,
+            phase: Phase::Handshake,
+            exit: None,
+            handshake: None,
+            next_handshake: 1,
+            init_cache: Vec::new(),
+            resp_cache: Vec::new(),
+            session_id: None,
+            peer: None,
+            session: None,
+            lease: None,
+            last_rx: now,
+            stats: Stats::default(),
+            records: RecordQueue::new(stream),
+            to_broker: Vec::with_capacity(8),
+            current: PacketBatch::new(LeaseId(0)),
+            ready: VecDeque::with_capacity(16),
+            pool: Vec::with_capacity(16),
+            payload: vec![0u8; MAX_RECORD_LEN],
+            pending_pong: None,
+            pending_ticket: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Why the worker ended, once it has.
+    pub fn exit(&self) -> Option<Exit> {
+        self.exit
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// The authenticated peer's static key, once a handshake finished.
+    pub fn peer(&self) -> Option<[u8; 32]> {
+        self.peer
+    }
+
+    /// Records to send, in order. Call [`RecordQueue::clear`] once sent.
+    pub fn records(&mut self) -> &mut RecordQueue {
+        &mut self.records
+    }
+
+    /// Messages for the broker, in order.
+    pub fn drain_broker(&mut self) -> std::vec::Drain<'_, WorkerToBroker> {
+        self.to_broker.drain(..)
+    }
+
+    /// Closes the batch being filled so it can be sent (end of a readable burst).
+    pub fn flush_batch(&mut self) {
+        if !self.current.is_empty() {
+            let lease = self.current.lease();
+            let next = self.take_batch(lease);
+            let full = std::mem::replace(&mut self.current, next);
+            self.ready.push_back(full);
+        }
+    }
+
+    /// The oldest batch ready for the netstack.
+    pub fn ready_batch(&self) -> Option<&PacketBatch> {
+        self.ready.front()
+    }
+
+    /// Marks the oldest ready batch as sent; its buffers are reused.
+    pub fn batch_sent(&mut self) {
+        if let Some(mut b) = self.ready.pop_front() {
+            b.clear();
+            self.pool.push(b);
+        }
+    }
+
+    pub fn ready_batches(&self) -> usize {
+        self.ready.len()
+    }
+
+    fn take_batch(&mut self, lease: LeaseId) -> PacketBatch {
+        match self.pool.pop() {
+            Some(mut b) => {
+                b.set_lease(lease);
+                b
+            }
+            None => PacketBatch::new(lease),
+        }
+    }
+
+    fn end(&mut self, exit: Exit) {
+        if self.exit.is_none() {
+            self.exit = Some(exit);
+            self.phase = Phase::Closed;
+            let reason = match exit {
+                Exit::PeerClosed => Some(SessionEnd::PeerClosed),
+                Exit::Timeout => Some(SessionEnd::Timeout),
+                Exit::TransportError => Some(SessionEnd::TransportError),
+                Exit::ProtocolError => Some(SessionEnd::ProtocolError),
+                Exit::Refused(_) | Exit::Shutdown(_) => None,
+            };
+            if let Some(reason) = reason {
+                self.to_broker.push(WorkerToBroker::SessionEnded { reason });
+            }
+            tracing::info!(?exit, "session ends");
+        }
+    }
+
+    /// The transport reached its end (stream EOF) or failed.
+    pub fn on_transport_closed(&mut self, error: bool) {
+        self.end(if error {
+            Exit::TransportError
+        } else {
+            Exit::PeerClosed
+        });
+    }
+
+    /// Periodic housekeeping: idle timeout and session expiry.
+    pub fn on_tick(&mut self, now: Duration) {
+        if self.exit.is_some() {
+            return;
+        }
+        let idle = now.saturating_sub(self.last_rx) >= self.config.idle_timeout;
+        let expired = self.session.as_ref().is_some_and(|s| s.is_expired(now));
+        if idle || expired {
+            let reason = if idle {
+                CloseReason::IdleTimeout
+            } else {
+                CloseReason::Normal
+            };
+            self.send_close(None, reason, now);
+            self.end(Exit::Timeout);
+        }
+    }
+
+    /// One record from the peer. `rec` is opened in place.
+    pub fn on_record(&mut self, rec: &mut [u8], now: Duration) {
+        if self.exit.is_some() {
+            return;
+        }
+        self.stats.records_in += 1;
+        let kind = match record::decode(rec) {
+            Ok(Record::Handshake { header, .. }) => header.kind,
+            Ok(Record::Data { .. }) => RecordKind::Data,
+            Ok(Record::Error(_)) => RecordKind::Error,
+            Err(RecordError::UnsupportedVersion(v)) => {
+                self.stats.record_drops.unsupported_version += 1;
+                tracing::debug!(version = v, "record of another version");
+                if self.session.is_none() {
+                    let mut e = ErrorRecord::unsupported_version();
+                    e.receiver = SessionIndex(0);
+                    self.queue_plain(&e.encode());
+                }
+                return;
+            }
+            Err(e) => {
+                self.stats.record_drops.malformed += 1;
+                tracing::debug!(error = %e, "malformed record");
+                return;
+            }
+        };
+        match kind {
+            RecordKind::HandshakeInit => self.on_init(rec, now),
+            RecordKind::HandshakeFinal => self.on_final(rec, now),
+            RecordKind::Data => self.on_data(rec, now),
+            RecordKind::HandshakeResp | RecordKind::Error => {
+                self.stats.record_drops.unexpected += 1;
+            }
+        }
+    }
+
+    fn queue_plain(&mut self, rec: &[u8]) {
+        self.records.push(rec);
+        self.stats.records_out += 1;
+    }
+
+    fn on_init(&mut self, rec: &[u8], now: Duration) {
+        if !self.resp_cache.is_empty() && self.init_cache == rec {
+            // A retransmission: the peer lost our answer. Same answer, no new DH.
+            self.last_rx = now;
+            let resp = std::mem::take(&mut self.resp_cache);
+            self.queue_plain(&resp);
+            self.resp_cache = resp;
+            return;
+        }
+        if self.stats.handshakes >= self.config.max_handshakes {
+            self.stats.record_drops.too_many_handshakes += 1;
+            return;
+        }
+        let pattern = match record::decode(rec) {
+            Ok(Record::Handshake { header, .. }) => header.pattern,
+            _ => return,
+        };
+        self.stats.handshakes += 1;
+        let id = HandshakeId(self.next_handshake);
+        self.next_handshake += 1;
+        let span = tracing::info_span!("handshake", id = id.0, ?pattern);
+        let _enter = span.enter();
+        if let Err(e) = self.oracle.show(id, pattern, rec) {
+            self.stats.record_drops.oracle_refused += 1;
+            tracing::warn!(error = %e, "key holder refused the handshake");
+            let reason = match e {
+                vshp::OracleError::Refused("rate limited") => ErrorReason::Overloaded,
+                vshp::OracleError::Unavailable(_) => ErrorReason::Overloaded,
+                _ => ErrorReason::ProtocolViolation,
+            };
+            let sender = match record::decode(rec) {
+                Ok(Record::Handshake { header, .. }) => header.sender,
+                _ => SessionIndex(0),
+            };
+            let e = ErrorRecord {
+                reason,
+                receiver: sender,
+                min_version: record::VERSION,
+                max_version: record::VERSION,
+            };
+            self.queue_plain(&e.encode());
+            return;
+        }
+        let mut responder = match Responder::new(
+            self.oracle.clone(),
+            self.config.capabilities,
+            random_index(),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "responder setup failed");
+                return;
+            }
+        };
+        let n = match responder.read_init(rec, &mut self.payload) {
+            Ok(n) => n,
+            Err(e) => {
+                self.stats.record_drops.handshake_failed += 1;
+                tracing::debug!(error = %e, "HANDSHAKE_INIT refused");
+                return;
+            }
+        };
+        let ticket = match self.read_handshake_payload(n, pattern == Pattern::Ik, true) {
+            Ok(t) => t,
+            Err(()) => {
+                self.stats.record_drops.handshake_failed += 1;
+                return;
+            }
+        };
+        // Answer: HELLO with our capabilities, encrypted in RESP.
+        let mut hello = [0u8; 16];
+        let mut w = MessageWriter::new(&mut hello);
+        let hello_len = match w.hello(self.config.capabilities.0) {
+            Ok(()) => w.len(),
+            Err(_) => 0,
+        };
+        let mut out = vec![0u8; HEADER_LEN + hello_len + 128];
+        let n = match responder.write_response(hello.get(..hello_len).unwrap_or(&[]), &mut out) {
+            Ok(n) => n,
+            Err(e) => {
+                self.stats.record_drops.handshake_failed += 1;
+                tracing::info!(error = %e, "HANDSHAKE_RESP could not be written");
+                return;
+            }
+        };
+        out.truncate(n);
+        self.last_rx = now;
+        self.init_cache.clear();
+        self.init_cache.extend_from_slice(rec);
+        self.queue_plain(&out);
+        self.resp_cache = out;
+        let done = responder.next() == Next::Established;
+        self.handshake = Some(Pending { id, responder });
+        if done {
+            self.established(ticket, now);
+        } else {
+            self.pending_ticket = ticket;
+        }
+    }
+
+    /// Reads a handshake payload in `self.payload[..n]`: HELLO, AUTH, RESUME are
+    /// allowed where the protocol puts them (`encrypted`: AUTH and RESUME may appear).
+    /// Returns the ticket, if any.
+    fn read_handshake_payload(
+        &mut self,
+        n: usize,
+        encrypted: bool,
+        first: bool,
+    ) -> Result<Option<SealedTicket>, ()> {
+        let mut ticket = None;
+        for m in vshp::MessageReader::new(self.payload.get(..n).unwrap_or(&[])) {
+            match m {
+                Ok(Message::Hello { capabilities }) if first => {
+                    tracing::debug!(capabilities, "peer HELLO");
+                }
+                Ok(Message::Auth {
+                    device_name,
+                    platform,
+                }) if encrypted => {
+                    tracing::info!(device = device_name, ?platform, "peer AUTH");
+                }
+                Ok(Message::Resume { ticket: t }) if encrypted => {
+                    ticket = SealedTicket::from_slice(t).ok();
+                }
+                Ok(other) => {
+                    tracing::debug!(message = ?std::mem::discriminant(&other), "message not allowed in this handshake payload");
+                    return Err(());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad handshake payload");
+                    return Err(());
+                }
+            }
+        }
+        Ok(ticket)
+    }
+
+    fn on_final(&mut self, rec: &[u8], now: Duration) {
+        let Some(hs) = self.handshake.as_mut() else {
+            self.stats.record_drops.unexpected += 1;
+            return;
+        };
+        if hs.responder.next() != Next::Receive {
+            // A duplicate FINAL after the session exists, or a FINAL in IK.
+            self.stats.record_drops.unexpected += 1;
+            return;
+        }
+        let n = match hs.responder.read_final(rec, &mut self.payload) {
+            Ok(n) => n,
+            Err(e) => {
+                self.stats.record_drops.handshake_failed += 1;
+                tracing::debug!(error = %e, "HANDSHAKE_FINAL refused");
+                self.handshake = None;
+                self.resp_cache.clear();
+                self.init_cache.clear();
+                return;
+            }
+        };
+        let ticket = match self.read_handshake_payload(n, true, false) {
+            Ok(t) => t.or_else(|| self.pending_ticket.take()),
+            Err(()) => {
+                self.stats.record_drops.handshake_failed += 1;
+                self.handshake = None;
+                return;
+            }
+        };
+        self.established(ticket, now);
+    }
+
+    fn established(&mut self, ticket: Option<SealedTicket>, now: Duration) {
+        let Some(hs) = self.handshake.take() else {
+            return;
+        };
+        let id = hs.id;
+        let est = match hs.responder.into_established() {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.record_drops.handshake_failed += 1;
+                tracing::warn!(error = %e, "handshake did not establish");
+                return;
+            }
+        };
+        let session = match Session::new(&est, self.config.mode, now) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "session setup failed");
+                return;
+            }
+        };
+        tracing::info!(
+            handshake = id.0,
+            pairing_code = %est.pairing_code(),
+            resume = ticket.is_some(),
+            "handshake established; asking the broker"
+        );
+        self.session = Some(session);
+        self.session_id = Some(id);
+        self.peer = Some(est.remote_static);
+        self.last_rx = now;
+        // Until the broker decides again, nothing is forwarded.
+        self.phase = Phase::AwaitDecision;
+        self.to_broker.push(WorkerToBroker::Finished {
+            handshake: id,
+            peer: PeerKey(est.remote_static),
+            handshake_hash: est.handshake_hash,
+            ticket,
+        });
+    }
+
+    fn on_data(&mut self, rec: &mut [u8], now: Duration) {
+        let Some(session) = self.session.as_mut() else {
+            self.stats.record_drops.unexpected += 1;
+            return;
+        };
+        let plaintext = match session.open_in_place(rec, now) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.record_drops.count_receive(&e);
+                tracing::trace!(error = %e, "DATA dropped");
+                if self.config.mode == TransportMode::Stream {
+                    // A stream is in order and lossless: any failure is corruption.
+                    tracing::warn!(error = %e, "stream record failed: closing");
+                    self.end(Exit::ProtocolError);
+                }
+                return;
+            }
+        };
+        self.last_rx = now;
+        let mut close = None;
+        for m in vshp::MessageReader::new(plaintext) {
+            match m {
+                Ok(Message::IpPacket(batch)) => {
+                    for p in batch {
+                        self.forward_packet(p);
+                    }
+                }
+                Ok(Message::Ping(k)) => self.pending_pong = Some(k),
+                Ok(Message::Pong(_)) => {}
+                Ok(Message::Close(reason)) => close = Some(reason),
+                Ok(_) => self.stats.record_drops.protocol_violation += 1,
+                Err(e) => {
+                    self.stats.record_drops.bad_payload += 1;
+                    tracing::debug!(error = %e, "malformed DATA payload");
+                    if self.config.mode == TransportMode::Stream {
+                        self.end(Exit::ProtocolError);
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(k) = self.pending_pong.take() {
+            let pong = Keepalive {
+                seq: k.seq,
+                tx_packets: self.stats.packets_delivered,
+                rx_packets: self.stats.packets_received,
+            };
+            self.stats.pings_answered += 1;
+            self.send_data(now, |w| w.pong(pong));
+        }
+        if let Some(reason) = close {
+            tracing::info!(?reason, "peer closed the session");
+            self.end(Exit::PeerClosed);
+        }
+    }
+
+    fn forward_packet(&mut self, p: &[u8]) {
+        self.stats.packets_received += 1;
+        let lease = match (&self.lease, self.phase) {
+            (Some(l), Phase::Admitted) => l,
+            _ => {
+                self.stats.packet_drops.not_admitted += 1;
+                return;
+            }
+        };
+        if let Err(d) = packet_policy::check_outbound(p, lease, &self.config.policy) {
+            self.stats.packet_drops.count(d);
+            tracing::trace!(reason = %d, "packet dropped");
+            return;
+        }
+        if self.current.push(p).is_err() {
+            self.flush_batch();
+            if let Err(e) = self.current.push(p) {
+                // Cannot happen for a packet within a lease MTU; counted, not trusted.
+                tracing::warn!(error = %e, "packet does not fit an empty batch");
+                self.stats.packet_drops.too_long += 1;
+                return;
+            }
+        }
+        self.stats.packets_forwarded += 1;
+        self.stats.bytes_forwarded += p.len() as u64;
+    }
+
+    /// Builds and seals one DATA record whose messages `fill` writes. Returns false when
+    /// there is no session or the record could not be built (counted in the log).
+    fn send_data(
+        &mut self,
+        now: Duration,
+        fill: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), MessageError>,
+    ) -> bool {
+        let max_record = self
+            .config
+            .max_record
+            .clamp(DATA_OVERHEAD + 64, MAX_RECORD_LEN);
+        self.seal_record(max_record, now, |w| fill(w).map(|()| 0))
+            .is_some()
+    }
+
+    /// Reserves a record of `max_record` bytes, lets `fill` write the plaintext, seals.
+    fn seal_record<T>(
+        &mut self,
+        max_record: usize,
+        now: Duration,
+        fill: impl FnOnce(&mut MessageWriter<'_>) -> Result<T, MessageError>,
+    ) -> Option<T> {
+        let session = self.session.as_mut()?;
+        let start = self.records.reserve(max_record);
+        let body_at = start + self.records.prefix_len();
+        let result = (|| {
+            let rec = self.records.buf.get_mut(body_at..body_at + max_record)?;
+            let plain = rec.get_mut(HEADER_LEN..max_record - AEAD_TAG_LEN)?;
+            let mut w = MessageWriter::new(plain);
+            let t = fill(&mut w).ok()?;
+            let n = w.len();
+            let len = session.seal_in_place(rec, n, now).ok()?;
+            Some((t, len))
+        })();
+        match result {
+            Some((t, len)) => {
+                self.records.commit(start, Some(len));
+                self.stats.records_out += 1;
+                Some(t)
+            }
+            None => {
+                self.records.commit(start, None);
+                None
+            }
+        }
+    }
+
+    fn send_close(&mut self, error: Option<ErrorReason>, reason: CloseReason, now: Duration) {
+        if self.session.is_none() {
+            return;
+        }
+        self.send_data(now, |w| {
+            if let Some(e) = error {
+                w.error(e, e.describe())?;
+            }
+            w.close(reason)
+        });
+    }
+
+    /// A message from the broker (descriptor-carrying ones are the driver's).
+    pub fn on_broker(&mut self, msg: &BrokerToWorker, now: Duration) {
+        match msg {
+            BrokerToWorker::Decision {
+                handshake,
+                decision,
+            } => {
+                if Some(*handshake) != self.session_id || self.exit.is_some() {
+                    tracing::debug!(handshake = handshake.0, "decision for another handshake");
+                    return;
+                }
+                self.on_decision(decision, now);
+            }
+            BrokerToWorker::Shutdown { reason } => {
+                let error =
+                    (*reason == ShutdownReason::PeerRevoked).then_some(ErrorReason::Revoked);
+                self.send_close(error, CloseReason::Shutdown, now);
+                self.end(Exit::Shutdown(*reason));
+            }
+            BrokerToWorker::ReportCounters => {
+                self.to_broker
+                    .push(WorkerToBroker::Counters(self.stats.to_wire()));
+            }
+            BrokerToWorker::AdoptTransport { .. } | BrokerToWorker::AttachDataPath { .. } => {}
+            other => tracing::debug!(message = ?other, "broker message ignored"),
+        }
+    }
+
+    fn on_decision(&mut self, decision: &Decision, now: Duration) {
+        match decision {
+            Decision::Admit { lease, resumed } => {
+                tracing::info!(lease = lease.id.0, resumed, "peer admitted");
+                let caps = self.config.capabilities.0;
+                let lease = lease.clone();
+                let sent = self.send_data(now, |w| {
+                    w.config(&lease)?;
+                    w.hello(caps)
+                });
+                if !sent {
+                    tracing::warn!("CONFIG could not be sent");
+                }
+                self.current.set_lease(lease.id);
+                for b in &mut self.ready {
+                    b.set_lease(lease.id);
+                }
+                self.lease = Some(lease);
+                self.phase = Phase::Admitted;
+            }
+            Decision::Pending => {
+                if self.phase == Phase::Admitted {
+                    return;
+                }
+                tracing::info!("peer pending approval");
+                self.phase = Phase::Pending;
+                self.send_data(now, |w| {
+                    w.error(
+                        ErrorReason::PendingApproval,
+                        ErrorReason::PendingApproval.describe(),
+                    )
+                });
+            }
+            Decision::Refuse(r) => {
+                tracing::info!(refusal = ?r, "peer refused");
+                self.send_close(Some(refusal_reason(*r)), CloseReason::Normal, now);
+                self.end(Exit::Refused(*r));
+            }
+        }
+    }
+
+    /// Packets from the netstack for the peer: checked, packed into as few DATA records
+    /// as `max_record` allows, sealed and queued.
+    pub fn on_return_batch(&mut self, batch: &PacketBatch, now: Duration) {
+        if self.exit.is_some() || self.session.is_none() || self.phase != Phase::Admitted {
+            self.stats.packet_drops.return_rejected += batch.len() as u64;
+            return;
+        }
+        let Some(lease) = self.lease.as_ref() else {
+            return;
+        };
+        let mut refs: [&[u8]; MAX_BATCH_PACKETS] = [&[]; MAX_BATCH_PACKETS];
+        let mut n = 0;
+        for p in batch.iter() {
+            match packet_policy::check_return(p, lease) {
+                Ok(_) => {
+                    if let Some(slot) = refs.get_mut(n) {
+                        *slot = p;
+                        n += 1;
+                    }
+                }
+                Err(d) => self.stats.packet_drops.count(d),
+            }
+        }
+        let budget = self
+            .config
+            .max_record
+            .clamp(DATA_OVERHEAD + 64, MAX_RECORD_LEN);
+        let mut i = 0;
+        while i < n {
+            let rest = refs.get(i..n).unwrap_or(&[]);
+            let first = rest.first().map_or(0, |p| p.len());
+            // One packet that needs more than the budget gets a record of its own.
+            let need = DATA_OVERHEAD + 3 + 2 + first;
+            let max_record = budget.max(need).min(MAX_RECORD_LEN);
+            match self.seal_record(max_record, now, |w| w.ip_packets(rest)) {
+                Some(taken) if taken > 0 => {
+                    for p in rest.iter().take(taken) {
+                        self.stats.packets_delivered += 1;
+                        self.stats.bytes_delivered += p.len() as u64;
+                    }
+                    i += taken;
+                }
+                _ => {
+                    self.stats.packet_drops.return_rejected += 1;
+                    i += 1;
+                }
+            }
+        }
+    }
+}

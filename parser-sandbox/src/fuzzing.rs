@@ -1,0 +1,1 @@
+//! Fuzz bodies (see `fuzz/`); replayed by `tests/fuzz_corpus.rs`.
