@@ -110,3 +110,90 @@ fn random_and_mutated_packets_never_panic() {
     }
     assert!(h.ns.counters().total_drops() > 0);
 }
+
+/// Random segments (any flags, sequence numbers, windows, payloads; valid checksums)
+/// on the 5-tuple of an open flow to a real loopback server: smoltcp and the relay
+/// take them without panicking, and the flow is still torn down cleanly.
+#[test]
+fn random_segments_on_an_open_flow_never_panic() {
+    use smoltcp::socket::tcp;
+    use smoltcp::wire::{TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    use std::io::Read;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let mut h = Harness::new(loopback_config());
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 8192]),
+        tcp::SocketBuffer::new(vec![0; 8192]),
+    );
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::Ipv4(Ipv4Addr::LOCALHOST), server.port()),
+        (IpAddress::Ipv4(CLIENT_V4), 40_500),
+    )
+    .unwrap();
+    let handle = h.sockets.add(sock);
+    h.run_until(5, "established", |h| {
+        h.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Established
+    });
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7cb);
+    let caps = ChecksumCapabilities::default();
+    let controls = [
+        TcpControl::None,
+        TcpControl::Psh,
+        TcpControl::Syn,
+        TcpControl::Fin,
+        TcpControl::Rst,
+    ];
+    for _ in 0..40 {
+        let mut batch = Vec::new();
+        for _ in 0..50 {
+            let payload: Vec<u8> = (0..rng.gen_range(0..200)).map(|_| rng.r#gen()).collect();
+            let repr = TcpRepr {
+                src_port: 40_500,
+                dst_port: server.port(),
+                control: controls[rng.gen_range(0..controls.len())],
+                seq_number: TcpSeqNumber(rng.r#gen()),
+                ack_number: rng.gen_bool(0.8).then(|| TcpSeqNumber(rng.r#gen())),
+                window_len: rng.r#gen(),
+                window_scale: rng.gen_bool(0.1).then(|| rng.gen_range(0..20)),
+                max_seg_size: rng.gen_bool(0.1).then(|| rng.r#gen()),
+                sack_permitted: rng.gen_bool(0.1),
+                sack_ranges: [None, None, None],
+                timestamp: None,
+                payload: &payload,
+            };
+            let mut buf = vec![0; 20 + repr.buffer_len()];
+            Ipv4Repr {
+                src_addr: CLIENT_V4,
+                dst_addr: Ipv4Addr::LOCALHOST,
+                next_header: IpProtocol::Tcp,
+                payload_len: repr.buffer_len(),
+                hop_limit: 64,
+            }
+            .emit(&mut Ipv4Packet::new_unchecked(&mut buf[..20]), &caps);
+            repr.emit(
+                &mut TcpPacket::new_unchecked(&mut buf[20..]),
+                &IpAddress::Ipv4(CLIENT_V4),
+                &IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+                &caps,
+            );
+            batch.push(buf);
+        }
+        h.push_raw(&batch);
+        h.service_netstack();
+    }
+    // Whatever became of that flow, it is torn down and forgotten cleanly.
+    h.sockets.get_mut::<tcp::Socket>(handle).abort();
+    h.run_until(5, "old flow gone", |h| h.ns.counters().tcp_flows == 0);
+    join.join().unwrap();
+    let c = h.ns.counters();
+    assert_eq!(c.tcp_connected, 1, "{c:?}");
+}
