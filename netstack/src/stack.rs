@@ -1509,7 +1509,8 @@ impl Netstack {
             } = &mut **open;
             iface.poll(smol_now, &mut peer.q.link(rx), sockets);
             let mut moved_any = false;
-            for _ in 0..RELAY_ROUNDS {
+            let mut rounds = 0;
+            loop {
                 let moved = relay(
                     stream,
                     st,
@@ -1521,6 +1522,13 @@ impl Netstack {
                     break;
                 }
                 moved_any = true;
+                rounds += 1;
+                if rounds == RELAY_ROUNDS {
+                    // Still moving: give the other flows and leases a turn, and come
+                    // back at once (the OS side may not signal again: edge-triggered).
+                    self.more_work = true;
+                    break;
+                }
             }
             if let Some(t) = iface.poll_at(smol_now, sockets) {
                 next = Some(next.map_or(t, |n| n.min(t)));
