@@ -1690,15 +1690,12 @@ pub fn connected_udp(local: SocketAddr, peer: SocketAddr) -> io::Result<OwnedFd>
     Ok(OwnedFd::from(s))
 }
 
-/// Starts `exe` with `fd` as its descriptor 3, a clean environment (only `RUST_LOG`
-/// is passed on), stdin from /dev/null and the broker's stderr.
+/// Starts `exe` with `fd` as its descriptor 3, an empty environment, stdin and stdout
+/// on /dev/null and the broker's stderr.
 pub fn spawn_with_fd3(exe: &Path, fd: BorrowedFd<'_>) -> io::Result<Child> {
     let raw = fd.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null());
-    if let Some(v) = std::env::var_os("RUST_LOG") {
-        cmd.env("RUST_LOG", v);
-    }
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (dup2, fcntl) on descriptors it does not free.
     unsafe {

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod commands;
 mod demo;
 
 #[derive(Debug, Parser)]
@@ -23,28 +24,29 @@ struct Cli {
 enum Command {
     /// Start sharing this device's VPN (the gateway), in the foreground.
     Gateway {
-        /// Address and port to listen on, e.g. 0.0.0.0:7400.
+        /// Address and port to listen on (UDP and TCP), e.g. 0.0.0.0:7400.
         #[arg(long)]
         listen: String,
+        /// State dir (default: $XDG_STATE_HOME/vpnshare or ~/.local/state/vpnshare).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// `vpn` (default): forward only through a VPN interface; `any`: any route.
         #[arg(long, default_value = "vpn")]
         egress: String,
     },
-    /// Print this device's public key.
+    /// Print this device's public key (created if absent) as the last line.
     Id {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Manage trusted devices.
+    /// Manage trusted devices: `list`, `add KEY [--name N]`, `revoke NAME_OR_KEY`.
     Peers {
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Answer pairing requests of a running gateway.
+    /// Answer pairing requests of a running gateway: `list`, `approve CODE`, `deny CODE`.
     Pairing {
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -57,10 +59,12 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Show peers, leases, counters and sandbox state.
+    /// Show the running gateway's peers, counters and sandbox state.
     Status {
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Run a self-contained demonstration and print what happened.
     Demo,
@@ -70,14 +74,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => demo::run(),
-        Command::Gateway { .. }
-        | Command::Id { .. }
-        | Command::Peers { .. }
-        | Command::Pairing { .. } => Err(
-            "this command arrives with the gateway (issue #4); today only `vpnshare demo` runs"
-                .to_string(),
-        ),
-        Command::Connect { .. } | Command::Status { .. } => Err(
+        Command::Gateway {
+            listen,
+            state_dir,
+            egress,
+        } => commands::gateway(&listen, state_dir, &egress),
+        Command::Id { state_dir } => commands::id(state_dir),
+        Command::Peers { state_dir, args } => commands::peers(state_dir, &args),
+        Command::Pairing { state_dir, args } => commands::pairing(state_dir, &args),
+        Command::Status { json, state_dir } => commands::status(state_dir, json),
+        Command::Connect { .. } => Err(
             "this command arrives with the client (issue #5); today only `vpnshare demo` runs"
                 .to_string(),
         ),

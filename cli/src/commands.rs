@@ -1,0 +1,336 @@
+//! The gateway-side commands: `gateway`, `id`, `peers`, `pairing`, `status`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use broker::audit::AuditLog;
+use broker::gateway::{EgressPolicy, Gateway, GatewayConfig};
+use broker::peers::{PeerDb, TrustState, parse_key};
+use broker::{control, identity, now_unix, resolve_state_dir};
+use ipc_schema::bounded::BoundedString;
+use ipc_schema::messages::common::PeerKey;
+use ipc_schema::messages::control::{
+    ControlReply, ControlRequest, PeerRef, PeerState, SandboxState,
+};
+use serde_json::{Value, json};
+
+type CmdResult = Result<(), String>;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() -> CmdResult {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; it
+        // replaces the default action of a signal nothing else in this process handles.
+        unsafe { sigaction(sig, &action) }.map_err(|e| format!("cannot handle {sig}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    // Read RUST_LOG now: confinement clears the environment.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdResult {
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("--listen {listen:?} is not ADDR:PORT (e.g. 0.0.0.0:7400)"))?;
+    let egress = match egress {
+        "vpn" => EgressPolicy::Vpn,
+        "any" => EgressPolicy::Any,
+        other => return Err(format!("--egress {other:?}: expected vpn or any")),
+    };
+    let state_dir = resolve_state_dir(state_dir)?;
+    init_logging();
+    if egress == EgressPolicy::Any {
+        eprintln!(
+            "vpnshare: warning: --egress any forwards peers' traffic through whatever route this device has, VPN or not"
+        );
+    }
+    install_stop_handlers()?;
+    let cfg = GatewayConfig {
+        listen,
+        state_dir,
+        egress,
+        worker_exe: broker::sibling_binary(broker::WORKER_ENV, broker::WORKER_BIN),
+        netstack_exe: broker::sibling_binary(broker::NETSTACK_ENV, broker::NETSTACK_BIN),
+    };
+    let (mut gw, started) = Gateway::start(cfg).map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", started.invite);
+        let _ = out.flush();
+    }
+    eprintln!(
+        "vpnshare: sharing on {} (UDP and TCP); invite above; control socket {}",
+        started.local_addr,
+        started.control_socket.display()
+    );
+    gw.confine().map_err(|e| e.to_string())?;
+    gw.run(&|| STOP.load(Ordering::SeqCst))
+        .map_err(|e| e.to_string())
+}
+
+pub fn id(state_dir: Option<PathBuf>) -> CmdResult {
+    let dir = resolve_state_dir(state_dir)?;
+    let kp = identity::load_or_create(&dir).map_err(|e| e.to_string())?;
+    println!("{}", hex::encode(kp.public_key()));
+    Ok(())
+}
+
+fn online(dir: &Path, req: &ControlRequest) -> Result<Option<ControlReply>, String> {
+    control::request(dir, req).map_err(|e| e.to_string())
+}
+
+fn expect_ok(reply: ControlReply) -> CmdResult {
+    match reply {
+        ControlReply::Ok => Ok(()),
+        ControlReply::Error { kind, detail } => {
+            Err(format!("gateway refused ({kind:?}): {detail}"))
+        }
+        other => Err(format!("unexpected reply from the gateway: {other:?}")),
+    }
+}
+
+fn name_arg(n: &str) -> Result<BoundedString<{ ipc_schema::limits::MAX_NAME_LEN }>, String> {
+    BoundedString::new(n.to_owned()).map_err(|_| {
+        format!(
+            "name is longer than {} bytes",
+            ipc_schema::limits::MAX_NAME_LEN
+        )
+    })
+}
+
+pub fn peers(state_dir: Option<PathBuf>, args: &[String]) -> CmdResult {
+    let dir = resolve_state_dir(state_dir)?;
+    let usage =
+        "usage: vpnshare peers [--state-dir DIR] list | add KEY [--name N] | revoke NAME_OR_KEY";
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["list"] => {
+            if let Some(reply) = online(&dir, &ControlRequest::PeersList)? {
+                let ControlReply::Peers(list) = reply else {
+                    return expect_ok(reply);
+                };
+                for p in list.as_slice() {
+                    let state = match p.state {
+                        PeerState::Trusted => "trusted",
+                        PeerState::Revoked => "revoked",
+                    };
+                    let name = p.name.as_ref().map(|n| n.as_str()).unwrap_or("-");
+                    let live = p
+                        .lease
+                        .map(|l| format!(" connected(lease {})", l.0))
+                        .unwrap_or_default();
+                    println!("{} {name} {state}{live}", hex::encode(p.key.0));
+                }
+                return Ok(());
+            }
+            let db = PeerDb::load(&dir).map_err(|e| e.to_string())?;
+            for p in db.peers() {
+                let state = match p.state {
+                    TrustState::Trusted => "trusted",
+                    TrustState::Revoked => "revoked",
+                };
+                println!(
+                    "{} {} {state}",
+                    hex::encode(p.key),
+                    p.name.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        ["add", key, rest @ ..] => {
+            let name = match rest {
+                [] => None,
+                ["--name", n] => Some(*n),
+                _ => return Err(usage.into()),
+            };
+            let key =
+                parse_key(key).ok_or("KEY must be 64 hex digits (what `vpnshare id` prints)")?;
+            let req = ControlRequest::PeersAdd {
+                key: PeerKey(key),
+                name: name.map(name_arg).transpose()?,
+            };
+            if let Some(reply) = online(&dir, &req)? {
+                return expect_ok(reply);
+            }
+            let mut db = PeerDb::load(&dir).map_err(|e| e.to_string())?;
+            db.add(key, name, now_unix()).map_err(|e| e.to_string())?;
+            db.save(&dir).map_err(|e| e.to_string())?;
+            let mut audit = AuditLog::open(&dir).map_err(|e| format!("audit log: {e}"))?;
+            audit.record(
+                "peer_added",
+                &[
+                    ("key", Value::from(hex::encode(key))),
+                    ("name", name.map(Value::from).unwrap_or(Value::Null)),
+                    ("via", Value::from("state_dir")),
+                ],
+            );
+            Ok(())
+        }
+        ["revoke", who] => {
+            let peer = match parse_key(who) {
+                Some(k) => PeerRef::Key(PeerKey(k)),
+                None => PeerRef::Name(name_arg(who)?),
+            };
+            if let Some(reply) = online(&dir, &ControlRequest::PeersRevoke { peer })? {
+                return expect_ok(reply);
+            }
+            let mut db = PeerDb::load(&dir).map_err(|e| e.to_string())?;
+            let key = db
+                .resolve(who)
+                .ok_or_else(|| format!("no peer named or keyed {who:?}"))?;
+            db.revoke(&key, now_unix()).map_err(|e| e.to_string())?;
+            db.save(&dir).map_err(|e| e.to_string())?;
+            let mut audit = AuditLog::open(&dir).map_err(|e| format!("audit log: {e}"))?;
+            audit.record(
+                "peer_revoked",
+                &[
+                    ("key", Value::from(hex::encode(key))),
+                    ("via", Value::from("state_dir")),
+                ],
+            );
+            Ok(())
+        }
+        _ => Err(usage.into()),
+    }
+}
+
+fn no_gateway(dir: &Path) -> String {
+    format!("no gateway is running on the state dir {}", dir.display())
+}
+
+pub fn pairing(state_dir: Option<PathBuf>, args: &[String]) -> CmdResult {
+    let dir = resolve_state_dir(state_dir)?;
+    let code = |c: &str| {
+        BoundedString::new(c.to_owned()).map_err(|_| format!("{c:?} is not a pairing code"))
+    };
+    let req = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["list"] => ControlRequest::PairingList,
+        ["approve", c] => ControlRequest::PairingApprove { code: code(c)? },
+        ["deny", c] => ControlRequest::PairingDeny { code: code(c)? },
+        _ => {
+            return Err(
+                "usage: vpnshare pairing [--state-dir DIR] list | approve CODE | deny CODE".into(),
+            );
+        }
+    };
+    let reply = online(&dir, &req)?.ok_or_else(|| no_gateway(&dir))?;
+    match reply {
+        ControlReply::Pairings(list) => {
+            for p in list.as_slice() {
+                println!(
+                    "{} {} requested_at={}",
+                    p.code,
+                    hex::encode(p.key.0),
+                    p.requested_at_unix
+                );
+            }
+            Ok(())
+        }
+        other => expect_ok(other),
+    }
+}
+
+pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
+    let dir = resolve_state_dir(state_dir)?;
+    let reply = online(&dir, &ControlRequest::Status)?.ok_or_else(|| no_gateway(&dir))?;
+    let ControlReply::Status(s) = reply else {
+        return expect_ok(reply);
+    };
+    let peers = match online(&dir, &ControlRequest::PeersList)? {
+        Some(ControlReply::Peers(p)) => p.into_inner(),
+        _ => Vec::new(),
+    };
+    let peer_json: Vec<Value> = peers
+        .iter()
+        .map(|p| {
+            json!({
+                "key": hex::encode(p.key.0),
+                "name": p.name.as_ref().map(|n| n.as_str().to_owned()),
+                "state": match p.state { PeerState::Trusted => "trusted", PeerState::Revoked => "revoked" },
+                "lease": p.lease.map(|l| l.0),
+            })
+        })
+        .collect();
+    let n = &s.netstack;
+    let v = json!({
+        "gateway_key": hex::encode(s.gateway_key.0),
+        "sharing_available": s.sharing_available,
+        "sandbox": match s.sandbox { SandboxState::Confined => "confined", SandboxState::Unconfined => "unconfined" },
+        "connected_peers": s.connected_peers,
+        "pending_pairings": s.pending_pairings,
+        "workers_restarted": s.workers_restarted,
+        "ipc_bad_messages": s.ipc_bad_messages,
+        "netstack": {
+            "tcp_flows": n.tcp_flows, "udp_flows": n.udp_flows,
+            "packets_in": n.packets_in, "packets_out": n.packets_out,
+            "bytes_in": n.bytes_in, "bytes_out": n.bytes_out,
+            "dns_queries": n.dns_queries, "dropped_no_egress": n.dropped_no_egress,
+        },
+        "peers": peer_json,
+    });
+    if as_json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("gateway key:       {}", hex::encode(s.gateway_key.0));
+    println!(
+        "sharing:           {}",
+        if s.sharing_available {
+            "available"
+        } else {
+            "unavailable (no VPN)"
+        }
+    );
+    println!("sandbox:           {:?}", s.sandbox);
+    println!("connected peers:   {}", s.connected_peers);
+    println!("pending pairings:  {}", s.pending_pairings);
+    println!("workers restarted: {}", s.workers_restarted);
+    println!("ipc bad messages:  {}", s.ipc_bad_messages);
+    for p in &peers {
+        let state = match p.state {
+            PeerState::Trusted => "trusted",
+            PeerState::Revoked => "revoked",
+        };
+        let live = p
+            .lease
+            .map(|l| format!(" connected(lease {})", l.0))
+            .unwrap_or_default();
+        println!(
+            "peer {} {} {state}{live}",
+            hex::encode(p.key.0),
+            p.name.as_ref().map(|n| n.as_str()).unwrap_or("-")
+        );
+    }
+    Ok(())
+}
