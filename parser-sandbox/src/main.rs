@@ -35,7 +35,12 @@ fn main() {
     let code = match driver::run(started, &args) {
         Ok(code) => code,
         Err(e) => {
-            tracing::warn!(error = %e, "worker stops");
+            match &e {
+                driver::RunError::Broker(ipc_schema::ChannelError::Closed) => {
+                    tracing::info!("broker closed the channel: worker stops");
+                }
+                _ => tracing::warn!(error = %e, "worker stops"),
+            }
             e.exit_code()
         }
     };
