@@ -117,6 +117,82 @@ pub(crate) fn udp_bind(
     )))
 }
 
+/// Asks the kernel to queue the ICMP errors that answer this UDP socket's datagrams
+/// (`IP_RECVERR` / `IPV6_RECVERR`), so they can be relayed to the client.
+pub(crate) fn enable_recv_err(sock: &mio::net::UdpSocket, v6: bool) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let r = if v6 {
+        setsockopt(sock, sockopt::Ipv6RecvErr, &true)
+    } else {
+        setsockopt(sock, sockopt::Ipv4RecvErr, &true)
+    };
+    r.map_err(io::Error::from)
+}
+
+/// One ICMP error the kernel queued for a datagram this socket sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueuedError {
+    /// Where the datagram was going.
+    pub dest: SocketAddr,
+    /// How many bytes of its payload came back into the caller's buffer.
+    pub len: usize,
+    /// ICMP type, code and info (next-hop MTU for "too big").
+    pub icmp_type: u8,
+    pub code: u8,
+    pub info: u32,
+}
+
+/// Reads the next ICMP error from the socket's error queue (`MSG_ERRQUEUE`); `None`
+/// when the queue is empty. The returned datagram payload goes into `payload`.
+pub(crate) fn read_error_queue(
+    sock: &mio::net::UdpSocket,
+    payload: &mut [u8],
+) -> Option<QueuedError> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    const SO_EE_ORIGIN_ICMP: u8 = 2;
+    const SO_EE_ORIGIN_ICMP6: u8 = 3;
+    // Bounded: a queue never yields more entries than this per call.
+    for _ in 0..64 {
+        let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+        let mut iov = [std::io::IoSliceMut::new(payload)];
+        let msg = recvmsg::<SockaddrStorage>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        )
+        .ok()?;
+        let dest = msg.address.and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| SocketAddr::from(std::net::SocketAddrV4::from(*s)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|s| SocketAddr::from(std::net::SocketAddrV6::from(*s)))
+                })
+        });
+        let len = msg.bytes;
+        let Ok(cmsgs) = msg.cmsgs() else { continue };
+        for c in cmsgs {
+            let ee = match c {
+                ControlMessageOwned::Ipv4RecvErr(ee, _) if ee.ee_origin == SO_EE_ORIGIN_ICMP => ee,
+                ControlMessageOwned::Ipv6RecvErr(ee, _) if ee.ee_origin == SO_EE_ORIGIN_ICMP6 => ee,
+                _ => continue,
+            };
+            if let Some(dest) = dest {
+                return Some(QueuedError {
+                    dest,
+                    len: len.min(payload.len()),
+                    icmp_type: ee.ee_type,
+                    code: ee.ee_code,
+                    info: ee.ee_info,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// Sets `SO_LINGER` 0 so that dropping the stream sends RST instead of FIN.
 pub(crate) fn set_abortive(stream: &mio::net::TcpStream) {
     let sock = socket2::SockRef::from(stream);

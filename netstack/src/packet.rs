@@ -364,6 +364,37 @@ pub enum IcmpError {
     TooBig(u16),
 }
 
+/// What to tell the client for an ICMP error the OS received for one of its datagrams
+/// (`IP_RECVERR`: the ICMP type, code and info of `sock_extended_err`). `None`: not
+/// an error the client needs (time exceeded and the like).
+pub(crate) fn icmp_error_from_os(
+    v6: bool,
+    icmp_type: u8,
+    code: u8,
+    info: u32,
+) -> Option<IcmpError> {
+    let mtu = u16::try_from(info).unwrap_or(u16::MAX);
+    if v6 {
+        match (icmp_type, code) {
+            (1, 0) => Some(IcmpError::NetUnreachable),
+            (1, 1) | (1, 5) | (1, 6) => Some(IcmpError::AdminProhibited),
+            (1, 4) => Some(IcmpError::PortUnreachable),
+            (1, _) => Some(IcmpError::HostUnreachable),
+            (2, _) => Some(IcmpError::TooBig(mtu)),
+            _ => None,
+        }
+    } else {
+        match (icmp_type, code) {
+            (3, 0) | (3, 6) | (3, 11) => Some(IcmpError::NetUnreachable),
+            (3, 3) => Some(IcmpError::PortUnreachable),
+            (3, 4) => Some(IcmpError::TooBig(mtu)),
+            (3, 9) | (3, 10) | (3, 13) => Some(IcmpError::AdminProhibited),
+            (3, _) => Some(IcmpError::HostUnreachable),
+            _ => None,
+        }
+    }
+}
+
 /// Writes the ICMP error answering `original` (a client packet) into `out`.
 pub(crate) fn build_icmp_error(
     out: &mut Vec<u8>,
@@ -546,6 +577,31 @@ mod tests {
         let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
         assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
         assert_eq!(icmp.msg_type(), Icmpv6Message::DstUnreachable);
+    }
+
+    #[test]
+    fn os_icmp_errors_map_to_client_errors() {
+        assert_eq!(
+            icmp_error_from_os(false, 3, 3, 0),
+            Some(IcmpError::PortUnreachable)
+        );
+        assert_eq!(
+            icmp_error_from_os(false, 3, 4, 1400),
+            Some(IcmpError::TooBig(1400))
+        );
+        assert_eq!(icmp_error_from_os(false, 11, 0, 0), None);
+        assert_eq!(
+            icmp_error_from_os(true, 1, 4, 0),
+            Some(IcmpError::PortUnreachable)
+        );
+        assert_eq!(
+            icmp_error_from_os(true, 2, 0, 1280),
+            Some(IcmpError::TooBig(1280))
+        );
+        assert_eq!(
+            icmp_error_from_os(true, 1, 0, 0),
+            Some(IcmpError::NetUnreachable)
+        );
     }
 
     #[test]

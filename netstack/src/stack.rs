@@ -51,6 +51,9 @@ const DNS_TOKEN_BASE: usize = usize::MAX - 64;
 const MAX_DNS_PENDING_TOTAL: usize = 16_384;
 /// Most smoltcp polls per peer per `poll` call in the relay loop.
 const RELAY_ROUNDS: usize = 4;
+/// Most payload bytes of a datagram taken back from the error queue (an ICMPv6
+/// error quotes at most what fits in 1280 bytes anyway).
+const ICMP_QUOTE_MAX: usize = 1232;
 /// Most datagrams read from one mapping per service.
 const DGRAM_BUDGET: usize = 256;
 
@@ -938,6 +941,11 @@ impl Netstack {
                         return;
                     }
                 };
+                // ICMP errors answering the mapping's datagrams come back through
+                // the error queue and are relayed to the client (best effort).
+                if let Err(e) = egress::enable_recv_err(&sock, client.is_ipv6()) {
+                    tracing::debug!(error = %e, "IP_RECVERR refused");
+                }
                 let token = Token(self.flows.next_id() as usize);
                 if self
                     .poll
@@ -1032,9 +1040,30 @@ impl Netstack {
                     exhausted = false;
                     break;
                 }
-                // A queued socket error (an ICMP error for an earlier datagram): it is
-                // consumed by this read; go on reading.
-                Err(_) => continue,
+                // A socket error: an ICMP error answered an earlier datagram. Relay
+                // what the error queue holds to the client, then go on reading.
+                Err(_) => {
+                    if let Target::Udp(client) = target {
+                        let mut body = [0u8; ICMP_QUOTE_MAX];
+                        while let Some(qe) = egress::read_error_queue(sock, &mut body) {
+                            let kind = packet::icmp_error_from_os(
+                                qe.dest.is_ipv6(),
+                                qe.icmp_type,
+                                qe.code,
+                                qe.info,
+                            );
+                            let Some(kind) = kind else { continue };
+                            // Rebuild the client's datagram the error quotes.
+                            let mut orig = peer.q.tx_pool.take();
+                            let data = body.get(..qe.len).unwrap_or(&[]);
+                            if packet::build_udp(&mut orig, client, qe.dest, data).is_ok() {
+                                peer.icmp_error(&mut self.counters, &orig, kind);
+                            }
+                            peer.q.tx_pool.give(orig);
+                        }
+                    }
+                    continue;
+                }
             };
             active = true;
             let data = self.scratch.get(..n).unwrap_or(&[]);

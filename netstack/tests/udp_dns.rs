@@ -364,3 +364,55 @@ fn gateway_address_serves_only_dns() {
     let c = h.ns.counters();
     assert_eq!((c.udp_flows, c.dns_queries), (0, 0));
 }
+
+fn closed_udp_port_relays_port_unreachable(server_ip: IpAddr, client_ip: IpAddr) {
+    let port = UdpSocket::bind(SocketAddr::new(server_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut h = Harness::new(loopback_config());
+    h.record = true;
+    let mut sock = udp_socket();
+    sock.bind((IpAddress::from(client_ip), 40_060)).unwrap();
+    let handle = h.sockets.add(sock);
+    h.sockets
+        .get_mut::<udp::Socket>(handle)
+        .send_slice(b"anyone?", (IpAddress::from(server_ip), port))
+        .unwrap();
+    h.run_until(5, "port unreachable relayed", |h| {
+        h.recorded.iter().any(|p| match client_ip {
+            IpAddr::V4(_) => {
+                let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+                let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+                // The quote is the client's own datagram: its source port.
+                icmp.msg_type() == Icmpv4Message::DstUnreachable
+                    && icmp.msg_code() == 3
+                    && icmp.data()[20..22] == 40_060u16.to_be_bytes()
+            }
+            IpAddr::V6(_) => {
+                let ip = smoltcp::wire::Ipv6Packet::new_checked(&p[..]).unwrap();
+                let icmp = smoltcp::wire::Icmpv6Packet::new_checked(ip.payload()).unwrap();
+                icmp.msg_type() == smoltcp::wire::Icmpv6Message::DstUnreachable
+                    && icmp.msg_code() == 4
+            }
+        })
+    });
+    assert!(h.ns.counters().icmp_errors_sent >= 1);
+}
+
+#[test]
+fn closed_udp_port_relays_port_unreachable_ipv4() {
+    closed_udp_port_relays_port_unreachable(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(common::CLIENT_V4),
+    );
+}
+
+#[test]
+fn closed_udp_port_relays_port_unreachable_ipv6() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        return;
+    }
+    closed_udp_port_relays_port_unreachable("::1".parse().unwrap(), IpAddr::V6(common::CLIENT_V6));
+}
