@@ -145,8 +145,6 @@ struct Worker {
     /// The handshake waiting for a pairing approval.
     pending: Option<HandshakeId>,
     lease: Option<Lease>,
-    /// Our end of the data channel when no netstack takes it (nothing is forwarded).
-    data_spare: Option<OwnedFd>,
     counters: WorkerCounters,
     kill_at: Option<Instant>,
     channel_dead: bool,
@@ -417,7 +415,7 @@ impl Gateway {
         let result = (|| -> Result<Netstack, String> {
             let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
             set_timeouts(&ours).map_err(|e| e.to_string())?;
-            let child = spawn_with_fd3(&exe, theirs.as_fd()).map_err(|e| e.to_string())?;
+            let child = spawn_with_fd3(&exe, &[], theirs.as_fd()).map_err(|e| e.to_string())?;
             drop(theirs);
             let chan = Channel::<bn::BrokerEnd>::open(ours).map_err(|e| e.to_string());
             match chan {
@@ -728,12 +726,13 @@ impl Gateway {
         let span = info_span!("session", session, %source);
         let _g = span.enter();
         let exe = self.cfg.worker_exe.clone().filter(|p| p.is_file());
+        let args = ["--gateway-key".to_owned(), peer_hex(&self.gateway_key)];
         let spawned = exe
             .ok_or_else(|| "the worker binary vpnshare-worker was not found".to_string())
             .and_then(|exe| {
                 let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
                 set_timeouts(&ours).map_err(|e| e.to_string())?;
-                let child = spawn_with_fd3(&exe, theirs.as_fd())
+                let child = spawn_with_fd3(&exe, &args, theirs.as_fd())
                     .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
                 Ok((ours, child))
             });
@@ -818,7 +817,6 @@ impl Gateway {
             peer: None,
             pending: None,
             lease: None,
-            data_spare: None,
             counters: WorkerCounters::default(),
             kill_at: None,
             channel_dead: false,
@@ -1166,38 +1164,41 @@ impl Gateway {
                 return;
             }
         };
-        // The data channel: one end to the worker, the other to the netstack.
-        let (worker_end, netstack_end) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => {
-                error!(error = %e, "socketpair");
-                self.pool.release(lease.id);
-                self.decide(session, handshake, Decision::Refuse(Refusal::Overload));
-                return;
-            }
-        };
-        self.send_worker(
-            session,
-            &BrokerToWorker::AttachDataPath { lease: lease.id },
-            &[worker_end.as_fd()],
-        );
-        drop(worker_end);
-        let spare = if self.netstack.is_some() {
+        // The data channel: one end to the worker, the other to the netstack. Without
+        // a netstack there is none: the worker admits the peer and drops (and counts)
+        // its packets, as with any peer while forwarding is unavailable.
+        if self.netstack.is_some() {
+            let (worker_end, netstack_end) = match UnixStream::pair() {
+                Ok(p) => p,
+                Err(e) => {
+                    error!(error = %e, "socketpair");
+                    self.pool.release(lease.id);
+                    self.decide(session, handshake, Decision::Refuse(Refusal::Overload));
+                    return;
+                }
+            };
+            self.send_worker(
+                session,
+                &BrokerToWorker::AttachDataPath { lease: lease.id },
+                &[worker_end.as_fd()],
+            );
+            drop(worker_end);
             self.send_netstack(
                 &BrokerToNetstack::LeaseAdded {
                     lease: lease.clone(),
                 },
                 &[netstack_end.as_fd()],
             );
-            None
         } else {
-            Some(OwnedFd::from(netstack_end))
-        };
+            warn!(
+                session,
+                "no netstack: the peer is admitted but nothing is forwarded"
+            );
+        }
         self.db.touch(&peer, now);
         if let Some(w) = self.workers.get_mut(&session) {
             w.lease = Some(lease.clone());
             w.pending = None;
-            w.data_spare = spare;
         }
         info!(session, key = %key_hex, lease = lease.id.0, addr = %lease.ipv4.addr, resumed = is_resumed, "peer admitted");
         self.audit.record(
@@ -1258,7 +1259,6 @@ impl Gateway {
         self.send_worker(session, &BrokerToWorker::Shutdown { reason }, &[]);
         let lease = self.workers.get_mut(&session).and_then(|w| {
             w.kill_at.get_or_insert(Instant::now() + SHUTDOWN_GRACE);
-            w.data_spare = None;
             w.lease.take()
         });
         if let Some(l) = lease {
@@ -1692,9 +1692,10 @@ pub fn connected_udp(local: SocketAddr, peer: SocketAddr) -> io::Result<OwnedFd>
 
 /// Starts `exe` with `fd` as its descriptor 3, an empty environment, stdin and stdout
 /// on /dev/null and the broker's stderr.
-pub fn spawn_with_fd3(exe: &Path, fd: BorrowedFd<'_>) -> io::Result<Child> {
+pub fn spawn_with_fd3(exe: &Path, args: &[String], fd: BorrowedFd<'_>) -> io::Result<Child> {
     let raw = fd.as_raw_fd();
     let mut cmd = Command::new(exe);
+    cmd.args(args);
     cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (dup2, fcntl) on descriptors it does not free.
