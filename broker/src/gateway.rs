@@ -147,6 +147,8 @@ struct Worker {
     lease: Option<Lease>,
     counters: WorkerCounters,
     kill_at: Option<Instant>,
+    /// The broker told it to stop (revocation, replacement): its exit is expected.
+    stopping: bool,
     channel_dead: bool,
 }
 
@@ -819,6 +821,7 @@ impl Gateway {
             lease: None,
             counters: WorkerCounters::default(),
             kill_at: None,
+            stopping: false,
             channel_dead: false,
         };
         if let Err(e) = sent {
@@ -1259,6 +1262,7 @@ impl Gateway {
         self.send_worker(session, &BrokerToWorker::Shutdown { reason }, &[]);
         let lease = self.workers.get_mut(&session).and_then(|w| {
             w.kill_at.get_or_insert(Instant::now() + SHUTDOWN_GRACE);
+            w.stopping = true;
             w.lease.take()
         });
         if let Some(l) = lease {
@@ -1328,7 +1332,7 @@ impl Gateway {
                 .peer
                 .map(|k| Value::from(peer_hex(&k)))
                 .unwrap_or(Value::Null);
-            let expected = w.kill_at.is_some();
+            let expected = w.stopping;
             match (status.signal(), status.code()) {
                 (Some(sig), _) if sig == libc::SIGSYS => {
                     error!(

@@ -61,11 +61,6 @@ pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdRes
     };
     let state_dir = resolve_state_dir(state_dir)?;
     init_logging();
-    if egress == EgressPolicy::Any {
-        eprintln!(
-            "vpnshare: warning: --egress any forwards peers' traffic through whatever route this device has, VPN or not"
-        );
-    }
     install_stop_handlers()?;
     let cfg = GatewayConfig {
         listen,
@@ -75,6 +70,11 @@ pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdRes
         netstack_exe: broker::sibling_binary(broker::NETSTACK_ENV, broker::NETSTACK_BIN),
     };
     let (mut gw, started) = Gateway::start(cfg).map_err(|e| e.to_string())?;
+    if egress == EgressPolicy::Any {
+        eprintln!(
+            "vpnshare: warning: --egress any forwards peers' traffic through whatever route this device has, VPN or not"
+        );
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", started.invite);

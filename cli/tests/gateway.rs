@@ -154,7 +154,7 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
-    /// Pids of the gateway's children named `vpnshare-worke` (comm is 15 bytes).
+    /// Pids of the gateway's children named `vpnshare-worker` (comm: at most 15 bytes).
     fn worker_pids(&self) -> Vec<i32> {
         let me = self.child.id().to_string();
         std::fs::read_dir("/proc")
@@ -164,7 +164,7 @@ impl Gateway {
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
                 let (comm, rest) = stat.split_once(") ")?;
                 let ppid = rest.split_whitespace().nth(1)?;
-                (ppid == me && comm.ends_with("(vpnshare-worke")).then_some(pid)
+                (ppid == me && comm.contains("(vpnshare-worke")).then_some(pid)
             })
             .collect()
     }
