@@ -40,10 +40,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, info_span, warn};
-use vshp::key_oracle::{HandshakeDhGuard, LocalKeyOracle, OracleError, StaticKeyOracle};
+use vshp::key_oracle::{LocalKeyOracle, StaticKeyOracle};
 use vshp::lease::Lease;
 use vshp::message::ErrorReason;
-use vshp::record::{self, ErrorRecord, Pattern, Record, RecordKind, SessionIndex};
+use vshp::record::{self, ErrorRecord, Record, RecordKind, SessionIndex};
 use vshp::ticket::{TicketError, TicketId, TicketLease, TicketSealer};
 
 use crate::audit::AuditLog;
@@ -139,7 +139,7 @@ struct Worker {
     chan: Channel<bw::BrokerEnd>,
     source: SocketAddr,
     kind: TransportKind,
-    handshakes: HashMap<HandshakeId, (HandshakePattern, HandshakeDhGuard)>,
+    oracle: crate::oracle::Bindings,
     show_limit: Bucket,
     peer: Option<[u8; 32]>,
     /// The handshake waiting for a pairing approval.
@@ -201,6 +201,9 @@ pub struct Gateway {
     started: Instant,
     egress: EgressState,
     vpn: Option<VpnIface>,
+    /// A NETLINK_ROUTE socket subscribed to link and route changes: a change wakes the
+    /// loop, which re-reads the snapshot at once (the 1 s re-read stays as a fallback).
+    route_watch: Option<OwnedFd>,
     last_egress_check: Option<Instant>,
     workers_restarted: u64,
     confined: bool,
@@ -341,6 +344,13 @@ impl Gateway {
             started: now,
             egress,
             vpn: None,
+            route_watch: if cfg.egress == EgressPolicy::Vpn {
+                route_watch_socket()
+                    .map_err(|e| warn!(error = %e, "no netlink route notifications: polling only"))
+                    .ok()
+            } else {
+                None
+            },
             last_egress_check: None,
             workers_restarted: 0,
             confined: false,
@@ -382,6 +392,7 @@ impl Gateway {
             self.lock.as_raw_fd(),
         ];
         v.extend(self.audit.raw_fd());
+        v.extend(self.route_watch.as_ref().map(AsRawFd::as_raw_fd));
         if let Some(n) = &self.netstack {
             v.push(n.chan.as_fd().as_raw_fd());
         }
@@ -458,7 +469,13 @@ impl Gateway {
     }
 
     /// Re-reads the routing table (at most once per [`EGRESS_POLL`]).
+    /// `force`: the first check (announce the state whatever it is); `now`: skip the
+    /// [`EGRESS_POLL`] gate (the kernel said routes or links changed).
     fn check_egress(&mut self, force: bool) {
+        self.check_egress_at(force, force);
+    }
+
+    fn check_egress_at(&mut self, force: bool, now_required: bool) {
         if self.cfg.egress == EgressPolicy::Any {
             if force {
                 warn!(
@@ -469,7 +486,7 @@ impl Gateway {
             return;
         }
         let now = Instant::now();
-        if !force
+        if !now_required
             && self
                 .last_egress_check
                 .is_some_and(|t| now.duration_since(t) < EGRESS_POLL)
@@ -541,6 +558,10 @@ impl Gateway {
                 PollFd::new(self.control.as_fd(), flags),
                 PollFd::new(self.wake_rx.as_fd(), flags),
             ];
+            fds.push(match &self.route_watch {
+                Some(fd) => PollFd::new(fd.as_fd(), flags),
+                None => PollFd::new(self.wake_rx.as_fd(), PollFlags::empty()),
+            });
             let ns = self.netstack.as_ref().map(|n| n.chan.as_fd());
             if let Some(fd) = ns {
                 fds.push(PollFd::new(fd, flags));
@@ -571,6 +592,7 @@ impl Gateway {
             it.next().unwrap_or(false),
             it.next().unwrap_or(false),
         );
+        let routes_changed = it.next().unwrap_or(false);
         let ns = if self.netstack.is_some() {
             it.next().unwrap_or(false)
         } else {
@@ -606,7 +628,12 @@ impl Gateway {
             self.on_worker(id);
         }
         self.reap();
-        self.check_egress(false);
+        if routes_changed {
+            if let Some(fd) = &self.route_watch {
+                drain(fd.as_fd());
+            }
+        }
+        self.check_egress_at(false, routes_changed);
         for r in self.pairing.expire(now_unix()) {
             self.audit.record(
                 "pairing_expired",
@@ -668,6 +695,17 @@ impl Gateway {
                     continue;
                 }
             };
+            // A datagram queued on the listener before this peer's connected socket
+            // existed: its worker gets the peer's retransmissions on that socket.
+            let live = self.workers.values().any(|w| {
+                w.kind == TransportKind::Datagram && w.source == source && !w.channel_dead
+            }) || self
+                .spawning
+                .values()
+                .any(|s| s.kind == TransportKind::Datagram && s.source == source);
+            if live {
+                continue;
+            }
             let first = match FirstRecord::from_slice(dgram) {
                 Ok(f) => f,
                 Err(_) => {
@@ -814,7 +852,7 @@ impl Gateway {
             chan,
             source: s.source,
             kind: s.kind,
-            handshakes: HashMap::new(),
+            oracle: crate::oracle::Bindings::default(),
             show_limit: Bucket::full(PER_WORKER_HANDSHAKE_RATE, self.elapsed()),
             peer: None,
             pending: None,
@@ -935,38 +973,14 @@ impl Gateway {
         let Some(w) = self.workers.get_mut(&session) else {
             return;
         };
-        let refusal = if !w.show_limit.take(PER_WORKER_HANDSHAKE_RATE, now) {
-            Some(OracleRefusal::RateLimited)
+        let result = if w.show_limit.take(PER_WORKER_HANDSHAKE_RATE, now) {
+            w.oracle.show(handshake, pattern, first)
         } else {
-            match HandshakeDhGuard::from_init_record(first) {
-                Ok(guard) => {
-                    let shown = match record::decode(first) {
-                        Ok(Record::Handshake { header, .. }) => Some(header.pattern),
-                        _ => None,
-                    };
-                    let expected = match pattern {
-                        HandshakePattern::Xx => Pattern::Xx,
-                        HandshakePattern::Ik => Pattern::Ik,
-                    };
-                    if shown != Some(expected) {
-                        Some(OracleRefusal::NotInPattern)
-                    } else {
-                        // At most two handshakes bound per worker: the newest replaces the oldest.
-                        if w.handshakes.len() >= 2 {
-                            if let Some(oldest) = w.handshakes.keys().min_by_key(|h| h.0).copied() {
-                                w.handshakes.remove(&oldest);
-                            }
-                        }
-                        w.handshakes.insert(handshake, (pattern, guard));
-                        None
-                    }
-                }
-                Err(_) => Some(OracleRefusal::FirstMessageTooShort),
-            }
+            Err(OracleRefusal::RateLimited)
         };
-        let msg = match refusal {
-            None => BrokerToWorker::HandshakeBound { handshake },
-            Some(reason) => {
+        let msg = match result {
+            Ok(()) => BrokerToWorker::HandshakeBound { handshake },
+            Err(reason) => {
                 warn!(?reason, "handshake refused");
                 BrokerToWorker::HandshakeRefused { handshake, reason }
             }
@@ -978,28 +992,7 @@ impl Gateway {
         let Some(w) = self.workers.get_mut(&session) else {
             return;
         };
-        let result = match w.handshakes.get_mut(&handshake) {
-            None => Err(OracleRefusal::UnknownHandshake),
-            Some((pattern, guard)) => {
-                let ops = pattern.static_ops();
-                let used = usize::from(guard.used());
-                if !ops.contains(&op) {
-                    Err(OracleRefusal::NotInPattern)
-                } else if ops.get(..used).is_some_and(|done| done.contains(&op)) {
-                    Err(OracleRefusal::AlreadyUsed)
-                } else if ops.get(used) != Some(&op) {
-                    Err(OracleRefusal::OutOfOrder)
-                } else {
-                    match guard.check(&remote) {
-                        Ok(()) => Ok(()),
-                        Err(OracleError::Refused(m)) if m.contains("first DH") => {
-                            Err(OracleRefusal::RemoteMismatch)
-                        }
-                        Err(_) => Err(OracleRefusal::AlreadyUsed),
-                    }
-                }
-            }
-        };
+        let result = w.oracle.check_dh(handshake, op, &remote);
         let msg = match result.and_then(|()| {
             self.oracle
                 .dh(&remote)
@@ -1033,7 +1026,7 @@ impl Gateway {
         let bound = self
             .workers
             .get_mut(&session)
-            .map(|w| w.handshakes.remove(&handshake).is_some())
+            .map(|w| w.oracle.finish(handshake))
             .unwrap_or(false);
         if !bound {
             warn!(
@@ -1674,6 +1667,34 @@ fn send_stream_error(mut stream: TcpStream, reason: ErrorReason) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let _ = stream.write_all(&out);
+}
+
+/// A non-blocking NETLINK_ROUTE socket in the link, IPv4 route and IPv6 route groups.
+fn route_watch_socket() -> nix::Result<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+    };
+    const GROUPS: u32 =
+        (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_ROUTE | libc::RTMGRP_IPV6_ROUTE) as u32;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, GROUPS))?;
+    Ok(fd)
+}
+
+/// Reads and discards everything queued on a non-blocking socket.
+fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8192];
+    for _ in 0..64 {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
 }
 
 fn set_timeouts(s: &UnixStream) -> io::Result<()> {

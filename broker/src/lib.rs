@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod identity;
 pub mod invite;
 pub mod leases;
+pub mod oracle;
 pub mod pairing;
 pub mod peers;
 pub mod ratelimit;

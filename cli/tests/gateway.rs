@@ -91,6 +91,10 @@ struct Gateway {
 
 impl Gateway {
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, "any")
+    }
+
+    fn start_with(tag: &str, egress: &str) -> Self {
         let dir = temp_dir(tag);
         let mut child = Command::new(BIN)
             .args([
@@ -98,7 +102,7 @@ impl Gateway {
                 "--listen",
                 "127.0.0.1:0",
                 "--egress",
-                "any",
+                egress,
                 "--state-dir",
             ])
             .arg(&dir)
@@ -599,4 +603,82 @@ fn killed_workers_are_reaped_and_logged_and_the_peer_comes_back() {
     // The peer comes back with a fresh session.
     let mut c = Client::handshake(Link::udp(gw.addr), &me, Some(gw.invite.key)).unwrap();
     assert!(matches!(c.outcome(), Outcome::Config(_)), "{}", gw.log());
+}
+
+#[test]
+fn without_a_vpn_pairing_works_but_known_peers_get_vpn_unavailable() {
+    let snapshot = broker::egress::read_snapshot().unwrap();
+    if broker::egress::detect_vpn(&snapshot).is_some() {
+        eprintln!("SKIPPED: this machine's Internet routes go through a VPN");
+        return;
+    }
+    let gw = Gateway::start_with("novpn", "vpn");
+    let s = gw.status();
+    assert_eq!(s["sharing_available"], false);
+    let events = audit_events(&gw.dir);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "egress_changed" && e["vpn"] == false),
+        "{events:?}"
+    );
+    if worker_binary().is_none() {
+        eprintln!("SKIPPED the worker part: vpnshare-worker is not built next to {BIN}");
+        return;
+    }
+    // An unknown peer can still pair ...
+    let stranger = StaticKeypair::generate().unwrap();
+    let mut c = Client::handshake(Link::udp(gw.addr), &stranger, None).unwrap();
+    assert!(
+        matches!(c.outcome(), Outcome::Error(ErrorReason::PendingApproval)),
+        "{}",
+        gw.log()
+    );
+    // ... and a known peer is told the VPN is unavailable; nothing is admitted.
+    let me = StaticKeypair::generate().unwrap();
+    ok(&gw.cli(&["peers", "add", &hex::encode(me.public_key())]));
+    let mut c = Client::handshake(Link::tcp(gw.addr), &me, Some(gw.invite.key)).unwrap();
+    assert!(
+        matches!(c.outcome(), Outcome::Error(ErrorReason::VpnUnavailable)),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.status()["connected_peers"], 0);
+    assert!(
+        audit_events(&gw.dir)
+            .iter()
+            .any(|e| e["event"] == "peer_refused" && e["reason"] == "vpn_unavailable")
+    );
+}
+
+#[test]
+fn a_denied_pairing_request_ends_the_session() {
+    let gw = Gateway::start("deny");
+    if worker_binary().is_none() {
+        eprintln!("SKIPPED: vpnshare-worker is not built next to {BIN}");
+        return;
+    }
+    let me = StaticKeypair::generate().unwrap();
+    let mut c = Client::handshake(Link::udp(gw.addr), &me, None).unwrap();
+    assert!(
+        matches!(c.outcome(), Outcome::Error(ErrorReason::PendingApproval)),
+        "{}",
+        gw.log()
+    );
+    let code = c.est.pairing_code().to_string();
+    ok(&gw.cli(&["pairing", "deny", &code]));
+    assert!(
+        matches!(c.outcome(), Outcome::Error(ErrorReason::NotApproved)),
+        "{}",
+        gw.log()
+    );
+    wait_for("the worker to exit", || {
+        gw.worker_pids().is_empty().then_some(())
+    });
+    assert_eq!(ok(&gw.cli(&["peers", "list"])), "");
+    assert!(
+        audit_events(&gw.dir)
+            .iter()
+            .any(|e| e["event"] == "pairing_denied")
+    );
 }
