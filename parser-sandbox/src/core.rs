@@ -64,8 +64,11 @@ pub struct CoreConfig {
     pub capabilities: Capabilities,
     /// The session ends when nothing arrived from the peer for this long.
     pub idle_timeout: Duration,
-    /// Most handshakes one worker runs (retransmitted INITs do not count).
+    /// Most handshakes one worker starts within `handshake_window` (retransmitted
+    /// INITs do not count); more are dropped and counted. A session re-handshakes
+    /// every 55 minutes, so the bound is a rate, not a lifetime total.
     pub max_handshakes: u64,
+    pub handshake_window: Duration,
 }
 
 impl CoreConfig {
@@ -80,6 +83,7 @@ impl CoreConfig {
             capabilities: Capabilities::ALL_V1,
             idle_timeout: Duration::from_secs(180),
             max_handshakes: 8,
+            handshake_window: Duration::from_secs(60),
         }
     }
 }
@@ -244,6 +248,8 @@ pub struct WorkerCore {
     pending_pong: Option<Keepalive>,
     /// A RESUME ticket from an INIT payload (IK), until the handshake finishes.
     pending_ticket: Option<SealedTicket>,
+    window_start: Duration,
+    window_handshakes: u64,
 }
 
 impl std::fmt::Debug for WorkerCore {
@@ -310,6 +316,8 @@ impl WorkerCore {
             payload: vec![0u8; MAX_RECORD_LEN],
             pending_pong: None,
             pending_ticket: None,
+            window_start: now,
+            window_handshakes: 0,
         }
     }
 
@@ -481,7 +489,11 @@ impl WorkerCore {
             self.resp_cache = resp;
             return;
         }
-        if self.stats.handshakes >= self.config.max_handshakes {
+        if now.saturating_sub(self.window_start) >= self.config.handshake_window {
+            self.window_start = now;
+            self.window_handshakes = 0;
+        }
+        if self.window_handshakes >= self.config.max_handshakes {
             self.stats.record_drops.too_many_handshakes += 1;
             return;
         }
@@ -490,6 +502,7 @@ impl WorkerCore {
             _ => return,
         };
         self.stats.handshakes += 1;
+        self.window_handshakes += 1;
         let id = HandshakeId(self.next_handshake);
         self.next_handshake += 1;
         let span = tracing::info_span!("handshake", id = id.0, ?pattern);

@@ -512,3 +512,62 @@ fn messages_a_client_may_not_send_are_counted() {
     fresh.on_record(&mut rec.clone(), T0);
     assert_eq!(fresh.stats().record_drops.unexpected, 1);
 }
+
+#[test]
+fn handshakes_are_rate_limited_per_window() {
+    let (mut core, oracle) = new_core(TransportMode::Datagram);
+    for i in 0..10u64 {
+        let mut client = Client::new(false, TransportMode::Datagram);
+        let mut init = client.init(None);
+        core.on_record(&mut init, T0 + Duration::from_millis(i));
+        take_records(&mut core);
+    }
+    assert_eq!(oracle.shown(), 8);
+    assert_eq!(core.stats().record_drops.too_many_handshakes, 2);
+    // A minute later the window has room again.
+    let mut client = Client::new(false, TransportMode::Datagram);
+    let mut init = client.init(None);
+    core.on_record(&mut init, T0 + Duration::from_secs(61));
+    assert_eq!(oracle.shown(), 9);
+    let resp = take_records(&mut core);
+    let mut fin = client.on_resp(&resp[0], None, T0).unwrap();
+    core.on_record(&mut fin, T0 + Duration::from_secs(61));
+    assert_eq!(core.phase(), Phase::AwaitDecision);
+}
+
+#[test]
+fn a_new_handshake_replaces_the_session_after_a_new_decision() {
+    let (mut core, _) = new_core(TransportMode::Datagram);
+    let (mut old, fin) = handshake(&mut core, false, None);
+    admit(&mut core, &mut old, finished_id(&fin));
+    // The client re-handshakes (55 minutes in, or after losing state), with a ticket.
+    let (mut new, fin2) = handshake(&mut core, true, Some(&[3u8; 100]));
+    let id2 = finished_id(&fin2);
+    assert_ne!(id2, finished_id(&fin));
+    let good = ipv4(CLIENT_V4, WEB, 100);
+    let mut rec = new.packets(T0, &[&good]);
+    core.on_record(&mut rec, T0);
+    assert!(
+        batches(&mut core).is_empty(),
+        "nothing flows before the new decision"
+    );
+    core.on_broker(
+        &BrokerToWorker::Decision {
+            handshake: id2,
+            decision: Decision::Admit {
+                lease: lease(),
+                resumed: true,
+            },
+        },
+        T0,
+    );
+    let recs = take_records(&mut core);
+    assert_eq!(new.open(&recs[0], T0)[0], Owned::Config(lease()));
+    let mut rec = new.packets(T0, &[&good]);
+    core.on_record(&mut rec, T0);
+    assert_eq!(batches(&mut core), vec![vec![good.clone()]]);
+    // The old session's keys are gone.
+    let mut stale = old.packets(T0, &[&good]);
+    core.on_record(&mut stale, T0);
+    assert!(batches(&mut core).is_empty());
+}
