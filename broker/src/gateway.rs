@@ -81,6 +81,8 @@ pub const PER_WORKER_HANDSHAKE_RATE: Rate = Rate {
 pub const TICKET_LIFETIME_SECS: u64 = 12 * 3600;
 /// A worker told to shut down (revocation) is killed if still alive after this.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// How often the broker asks the netstack and admitted workers for their counters.
+pub const COUNTERS_EVERY: Duration = Duration::from_secs(5);
 /// How often the routing table is re-read for VPN detection.
 pub const EGRESS_POLL: Duration = Duration::from_secs(1);
 
@@ -205,6 +207,7 @@ pub struct Gateway {
     /// loop, which re-reads the snapshot at once (the 1 s re-read stays as a fallback).
     route_watch: Option<OwnedFd>,
     last_egress_check: Option<Instant>,
+    last_counters: Instant,
     workers_restarted: u64,
     confined: bool,
     dropped_handshakes: u64,
@@ -352,6 +355,7 @@ impl Gateway {
                 None
             },
             last_egress_check: None,
+            last_counters: now,
             workers_restarted: 0,
             confined: false,
             dropped_handshakes: 0,
@@ -634,6 +638,19 @@ impl Gateway {
             }
         }
         self.check_egress_at(false, routes_changed);
+        if self.last_counters.elapsed() >= COUNTERS_EVERY {
+            self.last_counters = Instant::now();
+            self.send_netstack(&BrokerToNetstack::ReportCounters, &[]);
+            let admitted: Vec<u64> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.lease.is_some() && !w.channel_dead)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in admitted {
+                self.send_worker(id, &BrokerToWorker::ReportCounters, &[]);
+            }
+        }
         for r in self.pairing.expire(now_unix()) {
             self.audit.record(
                 "pairing_expired",
@@ -1363,6 +1380,17 @@ impl Gateway {
                             ("pid", Value::from(w.child.id())),
                             ("transport", Value::from(format!("{:?}", w.kind))),
                             ("reason", Value::from(reason)),
+                            (
+                                "counters",
+                                serde_json::json!({
+                                    "records_in": w.counters.records_in,
+                                    "records_out": w.counters.records_out,
+                                    "packets_forwarded": w.counters.packets_forwarded,
+                                    "bad_records": w.counters.bad_records,
+                                    "bad_packets": w.counters.bad_packets,
+                                    "spoofed_sources": w.counters.spoofed_sources,
+                                }),
+                            ),
                         ],
                     );
                 }
