@@ -308,6 +308,38 @@ impl Client {
         })
     }
 
+    /// Sends PING `seq` and waits for its PONG.
+    fn ping(&mut self, seq: u64) {
+        let mut plain = vec![0u8; 64];
+        let mut w = MessageWriter::new(&mut plain);
+        w.ping(vshp::message::Keepalive {
+            seq,
+            tx_packets: 0,
+            rx_packets: 0,
+        })
+        .unwrap();
+        let n = w.len();
+        let mut rec = vec![0u8; 128];
+        let len = self
+            .session
+            .seal(&plain[..n], &mut rec, self.start.elapsed())
+            .unwrap();
+        self.link.send(&rec[..len]);
+        loop {
+            let mut rec = self.link.recv();
+            let Ok(plain) = self.session.open_in_place(&mut rec, self.start.elapsed()) else {
+                continue;
+            };
+            for m in MessageReader::new(plain) {
+                if let Message::Pong(k) = m.unwrap() {
+                    if k.seq == seq {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Reads DATA records until CONFIG or ERROR arrives.
     fn outcome(&mut self) -> Outcome {
         loop {
@@ -489,6 +521,11 @@ fn udp_client_of_a_pre_added_peer_gets_config_from_a_real_worker() {
         (s["connected_peers"] == 1).then_some(s)
     });
     assert_eq!(s["peers"][0]["lease"], lease.id.0);
+    // The peer's datagrams now reach its worker directly: the broker's listener would
+    // drop a DATA record (it only starts sessions), so a PONG proves the hand-off.
+    for seq in 1..=3 {
+        c.ping(seq);
+    }
     assert!(
         audit_events(&gw.dir)
             .iter()
