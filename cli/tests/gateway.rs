@@ -56,8 +56,13 @@ fn fails_with_one_line(out: &Output) -> String {
     err
 }
 
+/// The worker the gateway will find: `$VPNSHARE_WORKER` (inherited by the gateway), else
+/// next to `vpnshare`.
 fn worker_binary() -> Option<PathBuf> {
-    let p = Path::new(BIN).parent()?.join("vpnshare-worker");
+    let p = match std::env::var_os("VPNSHARE_WORKER") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(BIN).parent()?.join("vpnshare-worker"),
+    };
     p.is_file().then_some(p)
 }
 
@@ -718,4 +723,48 @@ fn a_denied_pairing_request_ends_the_session() {
             .iter()
             .any(|e| e["event"] == "pairing_denied")
     );
+}
+
+#[test]
+fn handshake_floods_from_one_address_are_rate_limited() {
+    let gw = Gateway::start("flood");
+    if worker_binary().is_none() {
+        eprintln!("SKIPPED: vpnshare-worker is not built next to {BIN}");
+        return;
+    }
+    // Each INIT comes from a new port of 127.0.0.1: the per-address bucket allows a
+    // burst of 10, the rest are answered with an advisory ERROR "overloaded".
+    let me = StaticKeypair::generate().unwrap();
+    // All INITs are sent before any answer is read, so the bucket has no time to
+    // refill much (it gains 2 tokens per second); the count does not depend on timing
+    // beyond that.
+    const N: u32 = 20;
+    let mut links = Vec::new();
+    for i in 0..N {
+        let mut link = Link::udp(gw.addr);
+        let mut init = Initiator::new(
+            me.clone(),
+            Some(gw.invite.key),
+            Capabilities::ALL_V1,
+            SessionIndex(i + 1),
+        )
+        .unwrap();
+        let mut wire = vec![0u8; 1024];
+        let n = init.write_init(&[], &mut wire).unwrap();
+        link.send(&wire[..n]);
+        links.push(link);
+    }
+    let mut overloaded = 0;
+    let mut answered = 0;
+    for link in &mut links {
+        match record::decode(&link.recv()) {
+            Ok(Record::Error(e)) if e.reason == ErrorReason::Overloaded => overloaded += 1,
+            Ok(_) => answered += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(answered + overloaded, N);
+    assert!(answered >= 10, "the burst is 10: {answered}\n{}", gw.log());
+    assert!(overloaded >= 1, "no INIT was refused\n{}", gw.log());
+    assert!(gw.log().contains("handshake rate limit"), "{}", gw.log());
 }
