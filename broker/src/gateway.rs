@@ -1040,25 +1040,21 @@ impl Gateway {
         hash: [u8; 32],
         ticket: Option<&[u8]>,
     ) {
-        let bound = self
+        let checked = self
             .workers
             .get_mut(&session)
-            .map(|w| w.oracle.finish(handshake))
-            .unwrap_or(false);
-        if !bound {
-            warn!(
-                session,
-                "Finished for a handshake that was never bound: refused"
-            );
-            self.send_worker(
-                session,
-                &BrokerToWorker::Decision {
-                    handshake,
-                    decision: Decision::Refuse(Refusal::NotApproved),
-                },
-                &[],
-            );
-            return;
+            .map(|w| w.oracle.finish(handshake, &peer));
+        match checked {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                // The worker contradicts what the broker saw of the handshake: a bug
+                // or a compromise. Refuse, and replace the worker.
+                warn!(session, error = %e, "Finished refused: stopping the worker");
+                self.decide(session, handshake, Decision::Refuse(Refusal::NotApproved));
+                self.end_session(session, ShutdownReason::Misbehaved, false);
+                return;
+            }
+            None => return,
         }
         if let Some(w) = self.workers.get_mut(&session) {
             w.peer = Some(peer);

@@ -13,9 +13,28 @@ use vshp::record::{self, Pattern, Record};
 /// re-handshake); showing another forgets the oldest.
 pub const MAX_BOUND_PER_WORKER: usize = 2;
 
+#[derive(Debug)]
+struct Bound {
+    pattern: HandshakePattern,
+    guard: HandshakeDhGuard,
+    /// IK: the remote of `ss`, i.e. the initiator's static key.
+    ss_remote: Option<[u8; 32]>,
+}
+
 #[derive(Debug, Default)]
 pub struct Bindings {
-    bound: HashMap<HandshakeId, (HandshakePattern, HandshakeDhGuard)>,
+    bound: HashMap<HandshakeId, Bound>,
+}
+
+/// Why a `Finished` does not match what the broker saw of the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FinishError {
+    #[error("the handshake was never shown")]
+    NotBound,
+    #[error("the handshake did not use all static-key DHs its pattern needs")]
+    Incomplete,
+    #[error("the claimed peer key is not the static key the IK handshake used")]
+    PeerMismatch,
 }
 
 impl Bindings {
@@ -44,7 +63,14 @@ impl Bindings {
                 self.bound.remove(&oldest);
             }
         }
-        self.bound.insert(handshake, (pattern, guard));
+        self.bound.insert(
+            handshake,
+            Bound {
+                pattern,
+                guard,
+                ss_remote: None,
+            },
+        );
         Ok(())
     }
 
@@ -55,12 +81,12 @@ impl Bindings {
         op: DhOp,
         remote: &[u8; 32],
     ) -> Result<(), OracleRefusal> {
-        let (pattern, guard) = self
+        let b = self
             .bound
             .get_mut(&handshake)
             .ok_or(OracleRefusal::UnknownHandshake)?;
-        let ops = pattern.static_ops();
-        let used = usize::from(guard.used());
+        let ops = b.pattern.static_ops();
+        let used = usize::from(b.guard.used());
         if !ops.contains(&op) {
             return Err(OracleRefusal::NotInPattern);
         }
@@ -70,15 +96,29 @@ impl Bindings {
         if ops.get(used) != Some(&op) {
             return Err(OracleRefusal::OutOfOrder);
         }
-        guard.check(remote).map_err(|e| match e {
+        b.guard.check(remote).map_err(|e| match e {
             OracleError::Refused(m) if m.contains("first DH") => OracleRefusal::RemoteMismatch,
             _ => OracleRefusal::AlreadyUsed,
-        })
+        })?;
+        if op == DhOp::Ss {
+            b.ss_remote = Some(*remote);
+        }
+        Ok(())
     }
 
-    /// The handshake finished: forget it. False if it was never bound.
-    pub fn finish(&mut self, handshake: HandshakeId) -> bool {
-        self.bound.remove(&handshake).is_some()
+    /// The worker says `handshake` finished with `peer`: forget the binding and check
+    /// what the broker can — every static-key DH of the pattern was done, and for IK the
+    /// claimed peer is the static key `ss` was computed with. (In XX the initiator's
+    /// static key never meets the gateway's, so the claim cannot be checked here.)
+    pub fn finish(&mut self, handshake: HandshakeId, peer: &[u8; 32]) -> Result<(), FinishError> {
+        let b = self.bound.remove(&handshake).ok_or(FinishError::NotBound)?;
+        if b.guard.used() < b.guard.budget() {
+            return Err(FinishError::Incomplete);
+        }
+        match (b.pattern, b.ss_remote) {
+            (HandshakePattern::Ik, Some(s)) if &s != peer => Err(FinishError::PeerMismatch),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -131,8 +171,11 @@ mod tests {
         );
         b.check_dh(h, DhOp::Es, &e).unwrap();
         assert_eq!(b.check_dh(h, DhOp::Es, &e), Err(OracleRefusal::AlreadyUsed));
-        assert!(b.finish(h));
-        assert!(!b.finish(h));
+        assert_eq!(b.finish(h, &[4; 32]), Ok(()));
+        assert_eq!(b.finish(h, &[4; 32]), Err(FinishError::NotBound));
+        // Finished before the DH the pattern needs: not a real handshake.
+        b.show(h, HandshakePattern::Xx, &rec).unwrap();
+        assert_eq!(b.finish(h, &[4; 32]), Err(FinishError::Incomplete));
     }
 
     #[test]
