@@ -321,6 +321,37 @@ impl WorkerCore {
         }
     }
 
+    /// Fuzzing only: installs a session from raw keys, as if handshake `id` had just
+    /// finished, without running the (slow) handshake. Nothing in the worker calls it.
+    #[doc(hidden)]
+    pub fn install_session_for_fuzzing(
+        &mut self,
+        keys: &vshp::handshake::TransportKeys,
+        local: SessionIndex,
+        remote: SessionIndex,
+        id: HandshakeId,
+        now: Duration,
+    ) -> bool {
+        match Session::with_config(
+            keys,
+            local,
+            remote,
+            self.config.mode,
+            vshp::transport::SessionConfig::default(),
+            now,
+        ) {
+            Ok(s) => {
+                self.session = Some(s);
+                self.session_id = Some(id);
+                self.peer = Some([0u8; 32]);
+                self.phase = Phase::AwaitDecision;
+                self.last_rx = now;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
