@@ -255,28 +255,7 @@ impl Gateway {
         let db = PeerDb::load(&cfg.state_dir)?;
         let audit = AuditLog::open(&cfg.state_dir).map_err(io_err("cannot open the audit log"))?;
 
-        let udp = udp_listener(cfg.listen)
-            .map_err(io_err(format!("cannot listen on UDP {}", cfg.listen)))?;
-        let local: SocketAddr = udp
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(cfg.listen);
-        let udp: UdpSocket = udp.into();
-        let tcp = {
-            let s = Socket::new(
-                Domain::for_address(local),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )
-            .map_err(io_err("TCP socket"))?;
-            s.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
-            s.set_cloexec(true).map_err(io_err("FD_CLOEXEC"))?;
-            s.bind(&local.into())
-                .map_err(io_err(format!("cannot listen on TCP {local}")))?;
-            s.listen(64).map_err(io_err("listen"))?;
-            TcpListener::from(s)
-        };
+        let (udp, tcp, local) = bind_listeners(cfg.listen)?;
         udp.set_nonblocking(true)
             .map_err(io_err("UDP non-blocking"))?;
         tcp.set_nonblocking(true)
@@ -1691,6 +1670,49 @@ fn send_stream_error(mut stream: TcpStream, reason: ErrorReason) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let _ = stream.write_all(&out);
+}
+
+/// UDP and TCP listeners on the same address and port. With port 0 the UDP socket
+/// picks the port; if TCP cannot take the same one, a few other ports are tried.
+fn bind_listeners(
+    listen: SocketAddr,
+) -> Result<(UdpSocket, TcpListener, SocketAddr), GatewayError> {
+    let attempts = if listen.port() == 0 { 8 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = udp_listener(listen).map_err(io_err(format!("cannot listen on UDP {listen}")))?;
+        let local: SocketAddr = udp
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(listen);
+        let tcp = (|| {
+            let s = Socket::new(
+                Domain::for_address(local),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            s.set_reuse_address(true)?;
+            s.set_cloexec(true)?;
+            s.bind(&local.into())?;
+            s.listen(64)?;
+            Ok::<_, io::Error>(TcpListener::from(s))
+        })();
+        match tcp {
+            Ok(tcp) => return Ok((udp.into(), tcp, local)),
+            Err(e) => last = Some((local, e)),
+        }
+    }
+    Err(match last {
+        Some((local, source)) => GatewayError::Io {
+            what: format!("cannot listen on TCP {local}"),
+            source,
+        },
+        None => GatewayError::Io {
+            what: format!("cannot listen on {listen}"),
+            source: io::Error::other("no attempt"),
+        },
+    })
 }
 
 /// A non-blocking NETLINK_ROUTE socket in the link, IPv4 route and IPv6 route groups.
