@@ -1039,51 +1039,53 @@ impl Gateway {
             w.peer = Some(peer);
         }
         let key_hex = peer_hex(&peer);
-        match self.db.status(&peer) {
-            PeerStatus::Revoked => {
+        match crate::policy::verdict(self.db.status(&peer), self.sharing_available()) {
+            crate::policy::Verdict::Refuse(refusal) => {
                 self.audit.record(
                     "peer_refused",
                     &[
                         ("key", Value::from(key_hex)),
-                        ("reason", Value::from("revoked")),
+                        ("reason", Value::from(refusal_name(refusal))),
                     ],
                 );
-                self.decide(session, handshake, Decision::Refuse(Refusal::Revoked));
+                self.decide(session, handshake, Decision::Refuse(refusal));
             }
-            PeerStatus::Unknown => match self.pairing.request(peer, &hash, session, now_unix()) {
-                Ok(req) => {
-                    info!(session, code = %req.code, key = %key_hex, "pairing request: approve with `vpnshare pairing approve {}`", req.code);
-                    eprintln!(
-                        "pairing request from {key_hex}: code {} — compare with the device, then `vpnshare pairing approve {}`",
-                        req.code, req.code
-                    );
-                    self.audit.record(
-                        "pairing_requested",
-                        &[
-                            ("code", Value::from(req.code.clone())),
-                            ("key", Value::from(key_hex)),
-                            (
-                                "source",
-                                Value::from(
-                                    self.workers
-                                        .get(&session)
-                                        .map(|w| w.source.to_string())
-                                        .unwrap_or_default(),
+            crate::policy::Verdict::Pair => {
+                match self.pairing.request(peer, &hash, session, now_unix()) {
+                    Ok(req) => {
+                        info!(session, code = %req.code, key = %key_hex, "pairing request: approve with `vpnshare pairing approve {}`", req.code);
+                        eprintln!(
+                            "pairing request from {key_hex}: code {} — compare with the device, then `vpnshare pairing approve {}`",
+                            req.code, req.code
+                        );
+                        self.audit.record(
+                            "pairing_requested",
+                            &[
+                                ("code", Value::from(req.code.clone())),
+                                ("key", Value::from(key_hex)),
+                                (
+                                    "source",
+                                    Value::from(
+                                        self.workers
+                                            .get(&session)
+                                            .map(|w| w.source.to_string())
+                                            .unwrap_or_default(),
+                                    ),
                                 ),
-                            ),
-                        ],
-                    );
-                    if let Some(w) = self.workers.get_mut(&session) {
-                        w.pending = Some(handshake);
+                            ],
+                        );
+                        if let Some(w) = self.workers.get_mut(&session) {
+                            w.pending = Some(handshake);
+                        }
+                        self.decide(session, handshake, Decision::Pending);
                     }
-                    self.decide(session, handshake, Decision::Pending);
+                    Err(e) => {
+                        warn!(error = %e, "pairing request refused");
+                        self.decide(session, handshake, Decision::Refuse(Refusal::Overload));
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "pairing request refused");
-                    self.decide(session, handshake, Decision::Refuse(Refusal::Overload));
-                }
-            },
-            PeerStatus::Trusted => self.admit(session, handshake, peer, ticket),
+            }
+            crate::policy::Verdict::Admit => self.admit(session, handshake, peer, ticket),
         }
     }
 
@@ -1637,6 +1639,16 @@ impl Gateway {
         }
         let _ = std::fs::remove_file(self.cfg.state_dir.join(CONTROL_SOCKET));
         self.audit.record("gateway_stopped", &[]);
+    }
+}
+
+fn refusal_name(r: Refusal) -> &'static str {
+    match r {
+        Refusal::NotApproved => "not_approved",
+        Refusal::Revoked => "revoked",
+        Refusal::VpnUnavailable => "vpn_unavailable",
+        Refusal::Overload => "overload",
+        Refusal::PairingDenied => "pairing_denied",
     }
 }
 

@@ -17,6 +17,7 @@ pub mod leases;
 pub mod oracle;
 pub mod pairing;
 pub mod peers;
+pub mod policy;
 pub mod ratelimit;
 
 use std::path::PathBuf;
