@@ -29,14 +29,15 @@ use ipc_schema::messages::broker_worker::{
     BrokerToWorker, Decision, HandshakeId, Refusal, SealedTicket, SessionEnd, WorkerToBroker,
 };
 use ipc_schema::messages::common::{PeerKey, ShutdownReason};
-use vshp::handshake::{Next, Responder};
+use vshp::OracleError;
+use vshp::handshake::{HandshakeError, Next, Responder};
 use vshp::lease::{Lease, LeaseId};
 use vshp::message::{CloseReason, ErrorReason, Keepalive, Message, MessageError, MessageWriter};
 use vshp::record::{
     self, AEAD_TAG_LEN, Capabilities, ErrorRecord, HEADER_LEN, MAX_RECORD_LEN, Pattern, Record,
     RecordError, RecordKind, SessionIndex,
 };
-use vshp::transport::{Session, TransportMode};
+use vshp::transport::{ReceiveError, Session, TransportMode};
 
 use crate::counters::Stats;
 use crate::oracle::HandshakeOracle;
@@ -213,6 +214,32 @@ impl RecordQueue {
         self.buf.clear();
         self.ends.clear();
     }
+}
+
+/// Why a record (or what was left of it) was dropped. Each maps to a
+/// [`RecordDrops`](crate::counters::RecordDrops) counter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordDrop {
+    #[error("malformed record: {0}")]
+    Malformed(RecordError),
+    #[error("record of unsupported version {0}")]
+    UnsupportedVersion(u8),
+    #[error("no place for a {0:?} record here")]
+    Unexpected(RecordKind),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("the key holder refused the handshake: {0}")]
+    OracleRefused(OracleError),
+    #[error("too many handshakes in this window")]
+    TooManyHandshakes,
+    #[error("DATA not opened: {0}")]
+    Receive(ReceiveError),
+    #[error("malformed payload: {0}")]
+    BadPayload(#[from] MessageError),
+    #[error("protocol violation: {0}")]
+    ProtocolViolation(&'static str),
+    #[error("the session has ended")]
+    Closed,
 }
 
 /// One handshake in flight.
@@ -470,39 +497,41 @@ impl WorkerCore {
         }
     }
 
-    /// One record from the peer. `rec` is opened in place.
-    pub fn on_record(&mut self, rec: &mut [u8], now: Duration) {
+    /// One record from the peer. `rec` is opened in place. A dropped record (or the
+    /// dropped rest of one) is counted and returned as a typed [`RecordDrop`].
+    pub fn on_record(&mut self, rec: &mut [u8], now: Duration) -> Result<(), RecordDrop> {
         if self.exit.is_some() {
-            return;
+            return Err(RecordDrop::Closed);
         }
         self.stats.records_in += 1;
+        let r = self.handle_record(rec, now);
+        if let Err(e) = &r {
+            self.stats.record_drops.count(e);
+            tracing::debug!(error = %e, "record dropped");
+        }
+        r
+    }
+
+    fn handle_record(&mut self, rec: &mut [u8], now: Duration) -> Result<(), RecordDrop> {
         let kind = match record::decode(rec) {
             Ok(Record::Handshake { header, .. }) => header.kind,
             Ok(Record::Data { .. }) => RecordKind::Data,
             Ok(Record::Error(_)) => RecordKind::Error,
             Err(RecordError::UnsupportedVersion(v)) => {
-                self.stats.record_drops.unsupported_version += 1;
-                tracing::debug!(version = v, "record of another version");
                 if self.session.is_none() {
                     let mut e = ErrorRecord::unsupported_version();
                     e.receiver = SessionIndex(0);
                     self.queue_plain(&e.encode());
                 }
-                return;
+                return Err(RecordDrop::UnsupportedVersion(v));
             }
-            Err(e) => {
-                self.stats.record_drops.malformed += 1;
-                tracing::debug!(error = %e, "malformed record");
-                return;
-            }
+            Err(e) => return Err(RecordDrop::Malformed(e)),
         };
         match kind {
             RecordKind::HandshakeInit => self.on_init(rec, now),
             RecordKind::HandshakeFinal => self.on_final(rec, now),
             RecordKind::Data => self.on_data(rec, now),
-            RecordKind::HandshakeResp | RecordKind::Error => {
-                self.stats.record_drops.unexpected += 1;
-            }
+            RecordKind::HandshakeResp | RecordKind::Error => Err(RecordDrop::Unexpected(kind)),
         }
     }
 
@@ -511,26 +540,25 @@ impl WorkerCore {
         self.stats.records_out += 1;
     }
 
-    fn on_init(&mut self, rec: &[u8], now: Duration) {
+    fn on_init(&mut self, rec: &[u8], now: Duration) -> Result<(), RecordDrop> {
         if !self.resp_cache.is_empty() && self.init_cache == rec {
             // A retransmission: the peer lost our answer. Same answer, no new DH.
             self.last_rx = now;
             let resp = std::mem::take(&mut self.resp_cache);
             self.queue_plain(&resp);
             self.resp_cache = resp;
-            return;
+            return Ok(());
         }
         if now.saturating_sub(self.window_start) >= self.config.handshake_window {
             self.window_start = now;
             self.window_handshakes = 0;
         }
         if self.window_handshakes >= self.config.max_handshakes {
-            self.stats.record_drops.too_many_handshakes += 1;
-            return;
+            return Err(RecordDrop::TooManyHandshakes);
         }
-        let pattern = match record::decode(rec) {
-            Ok(Record::Handshake { header, .. }) => header.pattern,
-            _ => return,
+        let (pattern, sender) = match record::decode(rec) {
+            Ok(Record::Handshake { header, .. }) => (header.pattern, header.sender),
+            _ => return Err(RecordDrop::Unexpected(RecordKind::HandshakeInit)),
         };
         self.stats.handshakes += 1;
         self.window_handshakes += 1;
@@ -539,68 +567,36 @@ impl WorkerCore {
         let span = tracing::info_span!("handshake", id = id.0, ?pattern);
         let _enter = span.enter();
         if let Err(e) = self.oracle.show(id, pattern, rec) {
-            self.stats.record_drops.oracle_refused += 1;
             tracing::warn!(error = %e, "key holder refused the handshake");
             let reason = match e {
-                vshp::OracleError::Refused("rate limited") => ErrorReason::Overloaded,
-                vshp::OracleError::Unavailable(_) => ErrorReason::Overloaded,
+                OracleError::Refused("rate limited") | OracleError::Unavailable(_) => {
+                    ErrorReason::Overloaded
+                }
                 _ => ErrorReason::ProtocolViolation,
             };
-            let sender = match record::decode(rec) {
-                Ok(Record::Handshake { header, .. }) => header.sender,
-                _ => SessionIndex(0),
-            };
-            let e = ErrorRecord {
+            let answer = ErrorRecord {
                 reason,
                 receiver: sender,
                 min_version: record::VERSION,
                 max_version: record::VERSION,
             };
-            self.queue_plain(&e.encode());
-            return;
+            self.queue_plain(&answer.encode());
+            return Err(RecordDrop::OracleRefused(e));
         }
-        let mut responder = match Responder::new(
+        let mut responder = Responder::new(
             self.oracle.clone(),
             self.config.capabilities,
             random_index(),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "responder setup failed");
-                return;
-            }
-        };
-        let n = match responder.read_init(rec, &mut self.payload) {
-            Ok(n) => n,
-            Err(e) => {
-                self.stats.record_drops.handshake_failed += 1;
-                tracing::debug!(error = %e, "HANDSHAKE_INIT refused");
-                return;
-            }
-        };
-        let ticket = match self.read_handshake_payload(n, pattern == Pattern::Ik, true) {
-            Ok(t) => t,
-            Err(()) => {
-                self.stats.record_drops.handshake_failed += 1;
-                return;
-            }
-        };
+        )?;
+        let n = responder.read_init(rec, &mut self.payload)?;
+        let ticket = self.read_handshake_payload(n, pattern == Pattern::Ik, true)?;
         // Answer: HELLO with our capabilities, encrypted in RESP.
         let mut hello = [0u8; 16];
         let mut w = MessageWriter::new(&mut hello);
-        let hello_len = match w.hello(self.config.capabilities.0) {
-            Ok(()) => w.len(),
-            Err(_) => 0,
-        };
+        w.hello(self.config.capabilities.0)?;
+        let hello_len = w.len();
         let mut out = vec![0u8; HEADER_LEN + hello_len + 128];
-        let n = match responder.write_response(hello.get(..hello_len).unwrap_or(&[]), &mut out) {
-            Ok(n) => n,
-            Err(e) => {
-                self.stats.record_drops.handshake_failed += 1;
-                tracing::info!(error = %e, "HANDSHAKE_RESP could not be written");
-                return;
-            }
-        };
+        let n = responder.write_response(hello.get(..hello_len).unwrap_or(&[]), &mut out)?;
         out.truncate(n);
         self.last_rx = now;
         self.init_cache.clear();
@@ -610,101 +606,90 @@ impl WorkerCore {
         let done = responder.next() == Next::Established;
         self.handshake = Some(Pending { id, responder });
         if done {
-            self.established(ticket, now);
+            self.established(ticket, now)
         } else {
             self.pending_ticket = ticket;
+            Ok(())
         }
     }
 
-    /// Reads a handshake payload in `self.payload[..n]`: HELLO, AUTH, RESUME are
-    /// allowed where the protocol puts them (`encrypted`: AUTH and RESUME may appear).
-    /// Returns the ticket, if any.
+    /// Reads a handshake payload in `self.payload[..n]`: HELLO first, AUTH and RESUME
+    /// where the protocol puts them (`encrypted`). Returns the ticket, if any.
     fn read_handshake_payload(
         &mut self,
         n: usize,
         encrypted: bool,
         first: bool,
-    ) -> Result<Option<SealedTicket>, ()> {
+    ) -> Result<Option<SealedTicket>, RecordDrop> {
         let mut ticket = None;
         for m in vshp::MessageReader::new(self.payload.get(..n).unwrap_or(&[])) {
-            match m {
-                Ok(Message::Hello { capabilities }) if first => {
+            match m? {
+                Message::Hello { capabilities } if first => {
                     tracing::debug!(capabilities, "peer HELLO");
                 }
-                Ok(Message::Auth {
+                Message::Auth {
                     device_name,
                     platform,
-                }) if encrypted => {
+                } if encrypted => {
                     tracing::info!(device = device_name, ?platform, "peer AUTH");
                 }
-                Ok(Message::Resume { ticket: t }) if encrypted => {
-                    ticket = SealedTicket::from_slice(t).ok();
+                Message::Resume { ticket: t } if encrypted => {
+                    ticket =
+                        Some(SealedTicket::from_slice(t).map_err(|_| {
+                            RecordDrop::ProtocolViolation("RESUME ticket too long")
+                        })?);
                 }
-                Ok(other) => {
-                    tracing::debug!(message = ?std::mem::discriminant(&other), "message not allowed in this handshake payload");
-                    return Err(());
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "bad handshake payload");
-                    return Err(());
+                _ => {
+                    return Err(RecordDrop::ProtocolViolation(
+                        "message not allowed in this handshake payload",
+                    ));
                 }
             }
         }
         Ok(ticket)
     }
 
-    fn on_final(&mut self, rec: &[u8], now: Duration) {
+    fn on_final(&mut self, rec: &[u8], now: Duration) -> Result<(), RecordDrop> {
         let Some(hs) = self.handshake.as_mut() else {
-            self.stats.record_drops.unexpected += 1;
-            return;
+            return Err(RecordDrop::Unexpected(RecordKind::HandshakeFinal));
         };
         if hs.responder.next() != Next::Receive {
-            // A duplicate FINAL after the session exists, or a FINAL in IK.
-            self.stats.record_drops.unexpected += 1;
-            return;
+            // A FINAL in IK, or before the RESP was written.
+            return Err(RecordDrop::Unexpected(RecordKind::HandshakeFinal));
         }
-        let n = match hs.responder.read_final(rec, &mut self.payload) {
-            Ok(n) => n,
+        let result = hs
+            .responder
+            .read_final(rec, &mut self.payload)
+            .map_err(RecordDrop::from)
+            .and_then(|n| self.read_handshake_payload(n, true, false));
+        match result {
+            Ok(t) => {
+                let ticket = t.or_else(|| self.pending_ticket.take());
+                self.established(ticket, now)
+            }
             Err(e) => {
-                self.stats.record_drops.handshake_failed += 1;
-                tracing::debug!(error = %e, "HANDSHAKE_FINAL refused");
+                // The responder failed for good: forget it and its cached answer.
                 self.handshake = None;
+                self.pending_ticket = None;
                 self.resp_cache.clear();
                 self.init_cache.clear();
-                return;
+                Err(e)
             }
-        };
-        let ticket = match self.read_handshake_payload(n, true, false) {
-            Ok(t) => t.or_else(|| self.pending_ticket.take()),
-            Err(()) => {
-                self.stats.record_drops.handshake_failed += 1;
-                self.handshake = None;
-                return;
-            }
-        };
-        self.established(ticket, now);
+        }
     }
 
-    fn established(&mut self, ticket: Option<SealedTicket>, now: Duration) {
+    fn established(
+        &mut self,
+        ticket: Option<SealedTicket>,
+        now: Duration,
+    ) -> Result<(), RecordDrop> {
         let Some(hs) = self.handshake.take() else {
-            return;
+            return Ok(());
         };
         let id = hs.id;
-        let est = match hs.responder.into_established() {
-            Ok(e) => e,
-            Err(e) => {
-                self.stats.record_drops.handshake_failed += 1;
-                tracing::warn!(error = %e, "handshake did not establish");
-                return;
-            }
-        };
-        let session = match Session::new(&est, self.config.mode, now) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "session setup failed");
-                return;
-            }
-        };
+        let est = hs.responder.into_established()?;
+        let session = Session::new(&est, self.config.mode, now)
+            .map_err(|_| RecordDrop::ProtocolViolation("session keys unusable"))?;
         tracing::info!(
             handshake = id.0,
             pairing_code = %est.pairing_code(),
@@ -723,28 +708,28 @@ impl WorkerCore {
             handshake_hash: est.handshake_hash,
             ticket,
         });
+        Ok(())
     }
 
-    fn on_data(&mut self, rec: &mut [u8], now: Duration) {
+    fn on_data(&mut self, rec: &mut [u8], now: Duration) -> Result<(), RecordDrop> {
         let Some(session) = self.session.as_mut() else {
-            self.stats.record_drops.unexpected += 1;
-            return;
+            return Err(RecordDrop::Unexpected(RecordKind::Data));
         };
+        let stream = self.config.mode == TransportMode::Stream;
         let plaintext = match session.open_in_place(rec, now) {
             Ok(p) => p,
             Err(e) => {
-                self.stats.record_drops.count_receive(&e);
-                tracing::trace!(error = %e, "DATA dropped");
-                if self.config.mode == TransportMode::Stream {
+                if stream {
                     // A stream is in order and lossless: any failure is corruption.
                     tracing::warn!(error = %e, "stream record failed: closing");
                     self.end(Exit::ProtocolError);
                 }
-                return;
+                return Err(RecordDrop::Receive(e));
             }
         };
         self.last_rx = now;
         let mut close = None;
+        let mut result = Ok(());
         for m in vshp::MessageReader::new(plaintext) {
             match m {
                 Ok(Message::IpPacket(batch)) => {
@@ -755,14 +740,18 @@ impl WorkerCore {
                 Ok(Message::Ping(k)) => self.pending_pong = Some(k),
                 Ok(Message::Pong(_)) => {}
                 Ok(Message::Close(reason)) => close = Some(reason),
-                Ok(_) => self.stats.record_drops.protocol_violation += 1,
+                // Well-formed but not a client's to send: ignored (and counted).
+                Ok(_) => {
+                    result = Err(RecordDrop::ProtocolViolation(
+                        "message a client may not send",
+                    ))
+                }
                 Err(e) => {
-                    self.stats.record_drops.bad_payload += 1;
-                    tracing::debug!(error = %e, "malformed DATA payload");
-                    if self.config.mode == TransportMode::Stream {
+                    if stream {
                         self.end(Exit::ProtocolError);
-                        return;
+                        return Err(e.into());
                     }
+                    result = Err(e.into());
                     break;
                 }
             }
@@ -780,6 +769,7 @@ impl WorkerCore {
             tracing::info!(?reason, "peer closed the session");
             self.end(Exit::PeerClosed);
         }
+        result
     }
 
     fn forward_packet(&mut self, p: &[u8]) {

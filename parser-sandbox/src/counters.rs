@@ -5,6 +5,7 @@
 use ipc_schema::messages::broker_worker::WorkerCounters;
 use vshp::transport::ReceiveError;
 
+use crate::core::RecordDrop;
 use crate::packet_policy::PacketDrop;
 
 /// Records dropped, by reason.
@@ -47,12 +48,25 @@ impl RecordDrops {
             + self.protocol_violation
     }
 
-    pub(crate) fn count_receive(&mut self, e: &ReceiveError) {
-        match e {
-            ReceiveError::Replayed(_) | ReceiveError::TooOld(_) => self.replayed += 1,
-            ReceiveError::Malformed(_) => self.malformed += 1,
-            _ => self.unopenable += 1,
-        }
+    pub(crate) fn count(&mut self, e: &RecordDrop) {
+        let c = match e {
+            RecordDrop::Malformed(_) => &mut self.malformed,
+            RecordDrop::UnsupportedVersion(_) => &mut self.unsupported_version,
+            RecordDrop::Unexpected(_) => &mut self.unexpected,
+            RecordDrop::Handshake(_) => &mut self.handshake_failed,
+            RecordDrop::OracleRefused(_) => &mut self.oracle_refused,
+            RecordDrop::TooManyHandshakes => &mut self.too_many_handshakes,
+            RecordDrop::Receive(ReceiveError::Replayed(_) | ReceiveError::TooOld(_)) => {
+                &mut self.replayed
+            }
+            RecordDrop::Receive(ReceiveError::Malformed(_)) => &mut self.malformed,
+            RecordDrop::Receive(_) => &mut self.unopenable,
+            RecordDrop::BadPayload(_) => &mut self.bad_payload,
+            RecordDrop::ProtocolViolation(_) => &mut self.protocol_violation,
+            // Not a drop of the peer's doing: the worker is shutting down.
+            RecordDrop::Closed => return,
+        };
+        *c += 1;
     }
 }
 

@@ -310,7 +310,7 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
         lease_logged: false,
     };
     if let Some(mut rec) = first_record {
-        core.on_record(&mut rec, origin.elapsed());
+        let _ = core.on_record(&mut rec, origin.elapsed());
     }
     lp.run(&mut core, &span)
 }
@@ -444,7 +444,7 @@ impl Loop {
                 None => match recv(fd, &mut self.rbuf, MsgFlags::MSG_DONTWAIT) {
                     Ok(n) => {
                         if let Some(rec) = self.rbuf.get_mut(..n) {
-                            core.on_record(rec, now);
+                            let _ = core.on_record(rec, now);
                         }
                     }
                     Err(Errno::EAGAIN) => break,
@@ -480,7 +480,7 @@ impl Loop {
                                     break;
                                 };
                                 dst.copy_from_slice(rec);
-                                core.on_record(dst, now);
+                                let _ = core.on_record(dst, now);
                             }
                             Ok(None) => break,
                             Err(e) => {

@@ -85,11 +85,11 @@ fn admitted(mode: TransportMode, real: bool) -> Option<(WorkerCore, Session)> {
     let mut buf = vec![0u8; 4096];
     let mut pl = vec![0u8; 4096];
     let n = init.write_init(&[], &mut buf).ok()?;
-    core.on_record(buf.get_mut(..n)?, now);
+    core.on_record(buf.get_mut(..n)?, now).ok()?;
     let resp = unframe(&mut core, mode).into_iter().next()?;
     init.read_response(&resp, &mut pl).ok()?;
     let n = init.write_final(&[], &mut buf).ok()?;
-    core.on_record(buf.get_mut(..n)?, now);
+    core.on_record(buf.get_mut(..n)?, now).ok()?;
     let est = init.into_established().ok()?;
     let session = Session::new(&est, mode, now).ok()?;
     let id = core.drain_broker().find_map(|m| match m {
@@ -189,7 +189,7 @@ pub fn worker_receive(data: &[u8]) {
         match op % 6 {
             0 => {
                 let mut rec = bytes.to_vec();
-                core.on_record(&mut rec, now);
+                let _ = core.on_record(&mut rec, now);
             }
             1 | 2 => {
                 let n = if op % 6 == 1 {
@@ -212,7 +212,7 @@ pub fn worker_receive(data: &[u8]) {
                 let Some(p) = plain.get(..n) else { continue };
                 if let Ok(len) = client.seal(p, &mut sealed, now) {
                     if let Some(rec) = sealed.get_mut(..len) {
-                        core.on_record(rec, now);
+                        let _ = core.on_record(rec, now);
                     }
                 }
             }

@@ -19,7 +19,7 @@ pub mod fuzzing;
 pub mod oracle;
 pub mod packet_policy;
 
-pub use crate::core::{CoreConfig, Exit, Phase, WorkerCore};
+pub use crate::core::{CoreConfig, Exit, Phase, RecordDrop, WorkerCore};
 pub use counters::Stats;
 pub use oracle::{BrokerLink, BrokerOracle, HandshakeOracle, LocalHandshakeOracle};
 pub use packet_policy::{PacketDrop, PacketPolicy, Prefix};

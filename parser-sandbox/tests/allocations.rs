@@ -72,12 +72,12 @@ fn admitted(mode: TransportMode) -> (WorkerCore, Client) {
     let mut core = WorkerCore::new(CoreConfig::new(mode), oracle, t0);
     let mut client = Client::new(false, mode);
     let mut init = client.init(None);
-    core.on_record(&mut init, t0);
+    let _ = core.on_record(&mut init, t0);
     let skip = if mode == TransportMode::Stream { 2 } else { 0 };
     let resp = core.records().iter().next().unwrap()[skip..].to_vec();
     core.records().clear();
     let mut fin = client.on_resp(&resp, None, t0).unwrap();
-    core.on_record(&mut fin, t0);
+    let _ = core.on_record(&mut fin, t0);
     let id = match core.drain_broker().next().unwrap() {
         WorkerToBroker::Finished { handshake, .. } => handshake,
         other => panic!("{other:?}"),
@@ -129,7 +129,7 @@ fn data_path_allocates_nothing_in_steady_state() {
                 back.push(&ipv4(WEB, CLIENT_V4, 100 + i)).unwrap();
             }
             let round = |core: &mut WorkerCore, rec: &mut Vec<u8>| {
-                core.on_record(rec, now);
+                let _ = core.on_record(rec, now);
                 core.flush_batch();
                 let mut n = 0;
                 while let Some(b) = core.ready_batch() {

@@ -13,13 +13,15 @@ use ipc_schema::messages::broker_worker::{
     BrokerToWorker, Decision, HandshakeId, Refusal, SessionEnd, WorkerToBroker,
 };
 use ipc_schema::messages::common::{PeerKey, ShutdownReason};
-use parser_sandbox::core::{CoreConfig, Exit, Phase, WorkerCore};
+use parser_sandbox::core::{CoreConfig, Exit, Phase, RecordDrop, WorkerCore};
 use parser_sandbox::oracle::LocalHandshakeOracle;
 use parser_sandbox::packet_policy::PacketPolicy;
 use parser_sandbox::packet_policy::build::{ipv4, ipv6};
 use std::net::Ipv4Addr;
 use vshp::key_oracle::LocalKeyOracle;
 use vshp::message::{CloseReason, ErrorReason, Keepalive};
+use vshp::record::RecordError;
+use vshp::transport::ReceiveError;
 use vshp::transport::TransportMode;
 
 const T0: Duration = Duration::from_secs(1);
@@ -56,11 +58,11 @@ fn take_broker(core: &mut WorkerCore) -> Vec<WorkerToBroker> {
 fn handshake(core: &mut WorkerCore, ik: bool, ticket: Option<&[u8]>) -> (Client, WorkerToBroker) {
     let mut client = Client::new(ik, core.config().mode);
     let mut init = client.init(ticket);
-    core.on_record(&mut init, T0);
+    let _ = core.on_record(&mut init, T0);
     let recs = take_records(core);
     assert_eq!(recs.len(), 1, "one RESP");
     if let Some(mut fin) = client.on_resp(&recs[0], ticket, T0) {
-        core.on_record(&mut fin, T0);
+        let _ = core.on_record(&mut fin, T0);
     }
     assert_eq!(core.phase(), Phase::AwaitDecision);
     let msgs = take_broker(core);
@@ -144,7 +146,7 @@ fn xx_handshake_admit_sends_config_and_forwards_only_valid_packets() {
             &dns,
         ],
     );
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     let got = batches(&mut core);
     assert_eq!(got, vec![vec![good, good6, dns]]);
     let s = core.stats();
@@ -221,7 +223,7 @@ fn pending_then_a_later_admit() {
         })
         .unwrap();
     });
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     assert!(batches(&mut core).is_empty());
     assert_eq!(core.stats().packet_drops.not_admitted, 1);
     let recs = take_records(&mut core);
@@ -232,7 +234,7 @@ fn pending_then_a_later_admit() {
     // The user approves.
     admit(&mut core, &mut client, id);
     let mut rec = client.packets(T0, &[&good]);
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     assert_eq!(batches(&mut core), vec![vec![good]]);
 }
 
@@ -288,7 +290,7 @@ fn ping_gets_pong_with_counters() {
     admit(&mut core, &mut client, finished_id(&fin));
     let good = ipv4(CLIENT_V4, WEB, 100);
     let mut rec = client.packets(T0, &[&good, &good]);
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     let mut rec = client.data(T0, |w| {
         w.ping(Keepalive {
             seq: 42,
@@ -297,7 +299,7 @@ fn ping_gets_pong_with_counters() {
         })
         .unwrap()
     });
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     let recs = take_records(&mut core);
     assert_eq!(
         client.open(&recs[0], T0),
@@ -379,15 +381,15 @@ fn retransmitted_init_gets_the_same_response_without_a_new_handshake() {
     let (mut core, oracle) = new_core(TransportMode::Datagram);
     let mut client = Client::new(false, TransportMode::Datagram);
     let init = client.init(None);
-    core.on_record(&mut init.clone(), T0);
+    let _ = core.on_record(&mut init.clone(), T0);
     let first = take_records(&mut core);
-    core.on_record(&mut init.clone(), T0);
+    let _ = core.on_record(&mut init.clone(), T0);
     let second = take_records(&mut core);
     assert_eq!(first, second);
     assert_eq!(oracle.shown(), 1);
     assert_eq!(core.stats().handshakes, 1);
     let mut fin = client.on_resp(&second[0], None, T0).unwrap();
-    core.on_record(&mut fin, T0);
+    let _ = core.on_record(&mut fin, T0);
     assert_eq!(core.phase(), Phase::AwaitDecision);
 }
 
@@ -398,15 +400,30 @@ fn replayed_forged_and_garbage_records_are_counted() {
     admit(&mut core, &mut client, finished_id(&fin));
     let good = ipv4(CLIENT_V4, WEB, 100);
     let rec = client.packets(T0, &[&good]);
-    core.on_record(&mut rec.clone(), T0);
-    core.on_record(&mut rec.clone(), T0);
+    assert_eq!(core.on_record(&mut rec.clone(), T0), Ok(()));
+    assert_eq!(
+        core.on_record(&mut rec.clone(), T0),
+        Err(RecordDrop::Receive(ReceiveError::Replayed(0)))
+    );
     let mut forged = client.packets(T0, &[&good]);
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    core.on_record(&mut forged, T0);
-    core.on_record(&mut [], T0);
-    core.on_record(&mut [9, 9, 9], T0);
-    core.on_record(&mut [1, 77, 0, 0], T0);
+    assert_eq!(
+        core.on_record(&mut forged, T0),
+        Err(RecordDrop::Receive(ReceiveError::BadTag))
+    );
+    assert_eq!(
+        core.on_record(&mut [], T0),
+        Err(RecordDrop::Malformed(RecordError::Empty))
+    );
+    assert_eq!(
+        core.on_record(&mut [9, 9, 9], T0),
+        Err(RecordDrop::UnsupportedVersion(9))
+    );
+    assert_eq!(
+        core.on_record(&mut [1, 77, 0, 0], T0),
+        Err(RecordDrop::Malformed(RecordError::UnknownKind(77)))
+    );
     let s = core.stats();
     assert_eq!(s.packets_forwarded, 1);
     assert_eq!(s.record_drops.replayed, 1);
@@ -426,7 +443,7 @@ fn a_corrupt_stream_record_ends_the_session() {
     admit(&mut core, &mut client, finished_id(&fin));
     let mut forged = client.packets(T0, &[&ipv4(CLIENT_V4, WEB, 100)]);
     forged[20] ^= 1;
-    core.on_record(&mut forged, T0);
+    let _ = core.on_record(&mut forged, T0);
     assert_eq!(core.exit(), Some(Exit::ProtocolError));
     assert_eq!(
         take_broker(&mut core),
@@ -442,7 +459,7 @@ fn client_close_and_idle_timeout_end_the_session() {
     let (mut client, fin) = handshake(&mut core, false, None);
     admit(&mut core, &mut client, finished_id(&fin));
     let mut rec = client.data(T0, |w| w.close(CloseReason::Normal).unwrap());
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     assert_eq!(core.exit(), Some(Exit::PeerClosed));
     assert_eq!(
         take_broker(&mut core),
@@ -505,11 +522,14 @@ fn messages_a_client_may_not_send_are_counted() {
     let (mut client, fin) = handshake(&mut core, false, None);
     admit(&mut core, &mut client, finished_id(&fin));
     let mut rec = client.data(T0, |w| w.config(&lease()).unwrap());
-    core.on_record(&mut rec, T0);
+    assert!(matches!(
+        core.on_record(&mut rec, T0),
+        Err(RecordDrop::ProtocolViolation(_))
+    ));
     assert_eq!(core.stats().record_drops.protocol_violation, 1);
     // DATA before any handshake, and a RESP from a client: unexpected.
     let (mut fresh, _) = new_core(TransportMode::Datagram);
-    fresh.on_record(&mut rec.clone(), T0);
+    let _ = fresh.on_record(&mut rec.clone(), T0);
     assert_eq!(fresh.stats().record_drops.unexpected, 1);
 }
 
@@ -519,7 +539,7 @@ fn handshakes_are_rate_limited_per_window() {
     for i in 0..10u64 {
         let mut client = Client::new(false, TransportMode::Datagram);
         let mut init = client.init(None);
-        core.on_record(&mut init, T0 + Duration::from_millis(i));
+        let _ = core.on_record(&mut init, T0 + Duration::from_millis(i));
         take_records(&mut core);
     }
     assert_eq!(oracle.shown(), 8);
@@ -527,11 +547,11 @@ fn handshakes_are_rate_limited_per_window() {
     // A minute later the window has room again.
     let mut client = Client::new(false, TransportMode::Datagram);
     let mut init = client.init(None);
-    core.on_record(&mut init, T0 + Duration::from_secs(61));
+    let _ = core.on_record(&mut init, T0 + Duration::from_secs(61));
     assert_eq!(oracle.shown(), 9);
     let resp = take_records(&mut core);
     let mut fin = client.on_resp(&resp[0], None, T0).unwrap();
-    core.on_record(&mut fin, T0 + Duration::from_secs(61));
+    let _ = core.on_record(&mut fin, T0 + Duration::from_secs(61));
     assert_eq!(core.phase(), Phase::AwaitDecision);
 }
 
@@ -546,7 +566,7 @@ fn a_new_handshake_replaces_the_session_after_a_new_decision() {
     assert_ne!(id2, finished_id(&fin));
     let good = ipv4(CLIENT_V4, WEB, 100);
     let mut rec = new.packets(T0, &[&good]);
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     assert!(
         batches(&mut core).is_empty(),
         "nothing flows before the new decision"
@@ -564,10 +584,10 @@ fn a_new_handshake_replaces_the_session_after_a_new_decision() {
     let recs = take_records(&mut core);
     assert_eq!(new.open(&recs[0], T0)[0], Owned::Config(lease()));
     let mut rec = new.packets(T0, &[&good]);
-    core.on_record(&mut rec, T0);
+    let _ = core.on_record(&mut rec, T0);
     assert_eq!(batches(&mut core), vec![vec![good.clone()]]);
     // The old session's keys are gone.
     let mut stale = old.packets(T0, &[&good]);
-    core.on_record(&mut stale, T0);
+    let _ = core.on_record(&mut stale, T0);
     assert!(batches(&mut core).is_empty());
 }
