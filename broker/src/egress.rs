@@ -47,7 +47,8 @@ pub struct VpnIface {
     pub ifindex: u32,
 }
 
-fn is_vpn_link(l: &Link) -> bool {
+/// Whether the link is a tunnel (the VPN kinds this module recognises).
+pub fn is_vpn_link(l: &Link) -> bool {
     l.has_tun_flags || l.arphrd == ARPHRD_NONE || l.arphrd == ARPHRD_PPP
 }
 

@@ -762,7 +762,7 @@ impl Gateway {
         let span = info_span!("session", session, %source);
         let _g = span.enter();
         let exe = self.cfg.worker_exe.clone().filter(|p| p.is_file());
-        let args = ["--gateway-key".to_owned(), peer_hex(&self.gateway_key)];
+        let args = self.worker_args();
         let spawned = exe
             .ok_or_else(|| "the worker binary vpnshare-worker was not found".to_string())
             .and_then(|exe| {
@@ -814,6 +814,26 @@ impl Gateway {
         if let Err(e) = spawned {
             error!(error = %e, "cannot start a thread");
         }
+    }
+
+    /// `--gateway-key` and a `--deny` for each of the gateway's own networks (read
+    /// now, so a network that appeared since start is covered).
+    fn worker_args(&self) -> Vec<String> {
+        let mut args = vec!["--gateway-key".to_owned(), peer_hex(&self.gateway_key)];
+        let vpn_ifaces: Vec<String> = egress::read_snapshot()
+            .map(|s| {
+                s.links
+                    .iter()
+                    .filter(|l| egress::is_vpn_link(l))
+                    .map(|l| l.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for p in crate::lan::deny_prefixes(&crate::lan::read_ifaddrs(), &vpn_ifaces) {
+            args.push("--deny".to_owned());
+            args.push(p);
+        }
+        args
     }
 
     fn finish_spawn(

@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod gateway;
 pub mod identity;
 pub mod invite;
+pub mod lan;
 pub mod leases;
 pub mod oracle;
 pub mod pairing;

@@ -531,6 +531,31 @@ fn udp_client_of_a_pre_added_peer_gets_config_from_a_real_worker() {
     for seq in 1..=3 {
         c.ping(seq);
     }
+    // The worker was started with the gateway's public key, the gateway's own networks
+    // denied, and an empty environment.
+    let pids = gw.worker_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let key_at = args.iter().position(|a| a == "--gateway-key").unwrap();
+    assert_eq!(args[key_at + 1], hex::encode(gw.invite.key));
+    let vpn_ifaces: Vec<String> = broker::egress::read_snapshot()
+        .unwrap()
+        .links
+        .iter()
+        .filter(|l| broker::egress::is_vpn_link(l))
+        .map(|l| l.name.clone())
+        .collect();
+    let expected_deny = broker::lan::deny_prefixes(&broker::lan::read_ifaddrs(), &vpn_ifaces);
+    for p in &expected_deny {
+        assert!(args.contains(p), "{p} not denied: {args:?}");
+    }
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
     assert!(
         audit_events(&gw.dir)
             .iter()
