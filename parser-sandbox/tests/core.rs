@@ -591,3 +591,51 @@ fn a_new_handshake_replaces_the_session_after_a_new_decision() {
     let _ = core.on_record(&mut stale, T0);
     assert!(batches(&mut core).is_empty());
 }
+
+/// A key holder that refuses every handshake (the broker's rate limit).
+struct Refusing;
+
+impl vshp::StaticKeyOracle for Refusing {
+    fn public_key(&self) -> [u8; 32] {
+        gateway_key().public_key()
+    }
+    fn dh(&self, _: &[u8; 32]) -> Result<[u8; 32], vshp::OracleError> {
+        Err(vshp::OracleError::Refused("not bound"))
+    }
+}
+
+impl parser_sandbox::HandshakeOracle for Refusing {
+    fn show(
+        &self,
+        _: HandshakeId,
+        _: vshp::record::Pattern,
+        _: &[u8],
+    ) -> Result<(), vshp::OracleError> {
+        Err(vshp::OracleError::Refused("rate limited"))
+    }
+}
+
+#[test]
+fn a_refused_handshake_gets_a_plaintext_overloaded_error() {
+    let mut core = WorkerCore::new(
+        CoreConfig::new(TransportMode::Datagram),
+        Arc::new(Refusing),
+        T0,
+    );
+    let mut client = Client::new(false, TransportMode::Datagram);
+    let mut init = client.init(None);
+    assert!(matches!(
+        core.on_record(&mut init, T0),
+        Err(RecordDrop::OracleRefused(_))
+    ));
+    let recs = take_records(&mut core);
+    match vshp::record::decode(&recs[0]) {
+        Ok(vshp::record::Record::Error(e)) => {
+            assert_eq!(e.reason, ErrorReason::Overloaded);
+            assert_eq!(e.receiver, vshp::record::SessionIndex(0x1111));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(core.stats().record_drops.oracle_refused, 1);
+    assert_eq!(core.phase(), Phase::Handshake);
+}

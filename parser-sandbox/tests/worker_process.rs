@@ -170,8 +170,22 @@ fn expect_finished(ch: &mut Channel<BrokerEnd>) -> HandshakeId {
     }
 }
 
-/// Admits the peer and attaches a data path; returns the netstack's end.
+const PLENTY: Credit = Credit {
+    packets: 4096,
+    bytes: 4 << 20,
+};
+
+/// Admits the peer and attaches a data path whose netstack grants `grant`; returns the
+/// netstack's end.
 fn admit(ch: &mut Channel<BrokerEnd>, id: HandshakeId) -> Channel<data::NetstackEnd> {
+    admit_with(ch, id, PLENTY)
+}
+
+fn admit_with(
+    ch: &mut Channel<BrokerEnd>,
+    id: HandshakeId,
+    grant: Credit,
+) -> Channel<data::NetstackEnd> {
     ch.send(
         &BrokerToWorker::Decision {
             handshake: id,
@@ -197,11 +211,7 @@ fn admit(ch: &mut Channel<BrokerEnd>, id: HandshakeId) -> Channel<data::Netstack
         DataEvent::Credit(c) => assert!(c.packets >= 256 && c.bytes >= 256 * 1024),
         other => panic!("expected the worker's initial credit, got {other:?}"),
     }
-    ns.send_credit(Credit {
-        packets: 4096,
-        bytes: 4 << 20,
-    })
-    .unwrap();
+    ns.send_credit(grant).unwrap();
     ns
 }
 
@@ -256,6 +266,105 @@ fn netstack_round_trip(ns: &mut Channel<data::NetstackEnd>, valid: &[Vec<u8>]) -
     }
     ns.send_batch(&back).unwrap();
     returned
+}
+
+/// A worker with an admitted UDP peer, the client's socket and session, and the
+/// netstack's end of the data path (granting `grant`).
+fn udp_admitted(
+    grant: Credit,
+) -> (
+    Worker,
+    Channel<BrokerEnd>,
+    Channel<data::NetstackEnd>,
+    Client,
+    UdpSocket,
+) {
+    let (worker, mut ch) = start_worker();
+    let client_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let worker_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    worker_sock
+        .connect(client_sock.local_addr().unwrap())
+        .unwrap();
+    client_sock
+        .connect(worker_sock.local_addr().unwrap())
+        .unwrap();
+    client_sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut client = Client::new(true, TransportMode::Datagram);
+    ch.send(
+        &BrokerToWorker::AdoptTransport {
+            kind: TransportKind::Datagram,
+            first_record: None,
+        },
+        &[worker_sock.as_fd()],
+    )
+    .unwrap();
+    drop(worker_sock);
+    client_sock.send(&client.init(None)).unwrap();
+    let mut guarded = None;
+    serve_oracle(&mut ch, &mut guarded, 3);
+    let mut buf = vec![0u8; 65_536];
+    let n = client_sock.recv(&mut buf).unwrap();
+    assert!(client.on_resp(&buf[..n], None, Duration::ZERO).is_none());
+    let id = expect_finished(&mut ch);
+    let ns = admit_with(&mut ch, id, grant);
+    let n = client_sock.recv(&mut buf).unwrap();
+    assert_eq!(
+        client.open(&buf[..n], Duration::ZERO)[0],
+        Owned::Config(lease())
+    );
+    (worker, ch, ns, client, client_sock)
+}
+
+fn forwarded(ch: &mut Channel<BrokerEnd>) -> u64 {
+    ch.send(&BrokerToWorker::ReportCounters, &[]).unwrap();
+    match ch.recv().unwrap().msg {
+        WorkerToBroker::Counters(c) => c.packets_forwarded,
+        other => panic!("expected Counters, got {other:?}"),
+    }
+}
+
+#[test]
+fn batches_wait_for_netstack_credit() {
+    // The netstack grants one packet: a batch of two must wait.
+    let (_worker, mut ch, mut ns, mut client, client_sock) = udp_admitted(Credit {
+        packets: 1,
+        bytes: 65_536,
+    });
+    let (valid, _) = client_packets();
+    let refs: Vec<&[u8]> = valid.iter().map(Vec::as_slice).collect();
+    client_sock
+        .send(&client.packets(Duration::ZERO, &refs))
+        .unwrap();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while forwarded(&mut ch) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the packets were never validated"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Validated and queued, but not sent: nothing is readable on the data path.
+    let mut pfd = [nix::poll::PollFd::new(
+        ns.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    assert_eq!(
+        nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(200u16)).unwrap(),
+        0,
+        "a batch went out without credit"
+    );
+    ns.send_credit(Credit {
+        packets: 1,
+        bytes: 0,
+    })
+    .unwrap();
+    let mut batch = PacketBatch::new(lease().id);
+    match ns.recv_data(&mut batch).unwrap() {
+        DataEvent::Packets => {
+            assert_eq!(batch.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), valid)
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
