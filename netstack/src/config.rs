@@ -21,6 +21,13 @@ pub enum Egress {
         /// The interface's own addresses (fallback source binding).
         addrs: Vec<IpAddr>,
     },
+    /// `--egress vpn` as the broker reports it (`EgressState::VpnUp { ifindex }`):
+    /// outbound sockets are bound to the interface with this index
+    /// (`SO_BINDTOIFINDEX`, unprivileged on Linux ≥ 5.7 like `SO_BINDTODEVICE`).
+    /// The confined netstack cannot map an index to a name or addresses (no netlink,
+    /// no interface ioctls), so there is no source-address fallback: a kernel that
+    /// refuses the binding refuses the flow (fails closed).
+    InterfaceIndex(u32),
 }
 
 /// Per-peer (per-lease) resource caps. One peer cannot exceed these whatever it sends.

@@ -51,8 +51,19 @@ pub(crate) fn socket(
 }
 
 fn bind_egress(sock: &Socket, v6: bool, egress: &Egress) -> io::Result<()> {
-    let Egress::Interface { name, addrs } = egress else {
-        return Ok(());
+    let (name, addrs) = match egress {
+        Egress::Any => return Ok(()),
+        Egress::InterfaceIndex(index) => {
+            let index = std::num::NonZeroU32::new(*index)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+            // SO_BINDTOIFINDEX for either family on Linux.
+            return if v6 {
+                sock.bind_device_by_index_v6(Some(index))
+            } else {
+                sock.bind_device_by_index_v4(Some(index))
+            };
+        }
+        Egress::Interface { name, addrs } => (name, addrs),
     };
     match sock.bind_device(Some(name.as_bytes())) {
         Ok(()) => return Ok(()),
@@ -225,6 +236,15 @@ mod tests {
     fn any_egress_makes_sockets() {
         let s = udp_bind(Kind::Udp, false, &Egress::Any, None).unwrap();
         assert!(s.local_addr().unwrap().port() != 0);
+    }
+
+    #[test]
+    fn interface_index_binds_or_refuses() {
+        // Index 1 is `lo` in every network namespace.
+        let s = socket(Kind::Udp, false, &Egress::InterfaceIndex(1), None).unwrap();
+        assert_eq!(s.device().unwrap().as_deref(), Some(&b"lo"[..]));
+        assert!(socket(Kind::Udp, false, &Egress::InterfaceIndex(0), None).is_err());
+        assert!(socket(Kind::Tcp, true, &Egress::InterfaceIndex(u32::MAX), None).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! the current time; `poll` returns the next deadline (smoltcp's `poll_at`, flow
 //! timeouts), so nothing ever sleep-polls.
 
-use crate::config::Config;
+use crate::config::{Config, Egress};
 use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::{LeaseQueues, Queue};
 use crate::dns::{self, CacheKey, DnsCache};
@@ -477,6 +477,34 @@ impl Netstack {
         for id in pending {
             self.drop_dns_pending(id);
         }
+    }
+
+    /// Changes where outbound sockets are bound (the VPN came up on another
+    /// interface, or the policy changed). Flows and DNS upstream sockets bound to the
+    /// old egress are closed (TCP flows with RST both ways); nothing changes when the
+    /// egress is the same.
+    pub fn set_egress(&mut self, egress: Egress) {
+        if self.config.egress == egress {
+            return;
+        }
+        self.config.egress = egress;
+        for id in self.flows.ids() {
+            self.close_flow_abortively(id);
+        }
+        let pending: Vec<u16> = self.dns_pending.keys().copied().collect();
+        for id in pending {
+            self.drop_dns_pending(id);
+        }
+        for up in &mut self.upstreams {
+            if let Some(mut sock) = up.sock.take() {
+                let _ = self.poll.registry().deregister(&mut sock);
+            }
+        }
+    }
+
+    /// The current egress binding.
+    pub fn egress(&self) -> &Egress {
+        &self.config.egress
     }
 
     /// Installs the platform hook run on every outbound socket (Android: bind it to
