@@ -15,6 +15,7 @@ pub mod egress;
 mod flows;
 pub mod fuzzing;
 pub mod packet;
+pub mod process;
 mod stack;
 
 pub use config::{Caps, Config, Egress, Timeouts, read_resolv_conf};

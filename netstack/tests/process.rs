@@ -1,0 +1,527 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! The real `vpnshare-netstack` process, with the test playing the broker (fd 3) and a
+//! worker (the data channel of a lease) in front of a smoltcp "laptop". Loopback only:
+//! the broker sends `Egress(Any)` and every server listens on 127.0.0.1.
+
+mod common;
+
+use common::{CLIENT_V4, LaptopDevice, MTU};
+use ipc_schema::messages::broker_netstack::{
+    self as bn, BrokerToNetstack, EgressState, NetstackToBroker,
+};
+use ipc_schema::messages::common::ShutdownReason;
+use ipc_schema::messages::data::{self, Credit, DataEvent};
+use ipc_schema::{Channel, ChannelError, PacketBatch};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use vshp::lease::{Lease, LeaseId};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vpnshare-netstack");
+
+/// The netstack child; killed and reaped if a test fails.
+struct Proc {
+    child: Child,
+    broker: Channel<bn::BrokerEnd>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn() -> Proc {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("vshp-ns-proc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--resolv-conf")
+        .arg(&resolv)
+        .env_clear()
+        .env("RUST_LOG", "netstack=debug,info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: runs in the child between fork and exec; dup2 and fcntl are
+    // async-signal-safe and touch only descriptor numbers.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    let broker = Channel::<bn::BrokerEnd>::open(ours).unwrap();
+    Proc { child, broker }
+}
+
+fn lease(id: u64) -> Lease {
+    let mut l = common::lease();
+    l.id = LeaseId(id);
+    l
+}
+
+/// Sends `LeaseAdded` with a fresh data channel; returns the worker's end, opened.
+fn add_lease(p: &mut Proc, lease: &Lease) -> Worker {
+    let (worker_end, netstack_end) = UnixStream::pair().unwrap();
+    p.broker
+        .send(
+            &BrokerToNetstack::LeaseAdded {
+                lease: lease.clone(),
+            },
+            &[netstack_end.as_fd()],
+        )
+        .unwrap();
+    drop(netstack_end);
+    worker_end
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut ch = Channel::<data::WorkerEnd>::open(worker_end).unwrap();
+    ch.send_credit(Credit {
+        packets: 1024,
+        bytes: 1024 * 1024,
+    })
+    .unwrap();
+    Worker {
+        ch,
+        lease: lease.id,
+        credit: Credit {
+            packets: 0,
+            bytes: 0,
+        },
+        rx: PacketBatch::new(lease.id),
+        tx: PacketBatch::new(lease.id),
+        received: 0,
+    }
+}
+
+/// The test's worker end of a data channel.
+struct Worker {
+    ch: Channel<data::WorkerEnd>,
+    lease: LeaseId,
+    credit: Credit,
+    rx: PacketBatch,
+    tx: PacketBatch,
+    received: usize,
+}
+
+impl Worker {
+    /// Sends the laptop's packets (within the netstack's credit), then takes in what
+    /// the netstack sent within `wait`.
+    fn exchange(&mut self, dev: &mut LaptopDevice, wait: Duration) -> Result<(), ChannelError> {
+        while !dev.tx.is_empty() {
+            self.tx.clear();
+            self.tx.set_lease(self.lease);
+            let mut bytes = 0u32;
+            while let Some(p) = dev.tx.front() {
+                let n = self.tx.len() as u32 + 1;
+                if n > self.credit.packets
+                    || bytes + p.len() as u32 > self.credit.bytes
+                    || self.tx.push(p).is_err()
+                {
+                    break;
+                }
+                bytes += p.len() as u32;
+                dev.tx.pop_front();
+            }
+            if self.tx.is_empty() {
+                break;
+            }
+            self.credit.packets -= self.tx.len() as u32;
+            self.credit.bytes -= bytes;
+            self.ch.send_batch(&self.tx)?;
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(self.ch.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
+                return Ok(());
+            }
+            match self.ch.recv_data(&mut self.rx)? {
+                DataEvent::Packets => {
+                    for p in self.rx.iter() {
+                        dev.rx.push_back(p.to_vec());
+                    }
+                    self.received += self.rx.len();
+                    self.ch.send_credit(Credit {
+                        packets: self.rx.len() as u32,
+                        bytes: self.rx.total_bytes() as u32,
+                    })?;
+                }
+                DataEvent::Credit(c) => {
+                    self.credit.packets += c.packets;
+                    self.credit.bytes += c.bytes;
+                }
+            }
+            // Hand what arrived to the laptop before waiting again.
+            if Instant::now() >= deadline || !dev.rx.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct Laptop {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: LaptopDevice,
+    epoch: Instant,
+}
+
+impl Laptop {
+    fn new() -> Self {
+        let mut dev = LaptopDevice::default();
+        let mut iface = Interface::new(
+            IfaceConfig::new(HardwareAddress::Ip),
+            &mut dev,
+            SmolInstant::from_micros(0),
+        );
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(CLIENT_V4), 24)).unwrap();
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(common::GATEWAY_V4)
+            .unwrap();
+        Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            dev,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn step(&mut self, w: &mut Worker) -> Result<(), ChannelError> {
+        let now = SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64);
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        let wait = if self.dev.tx.is_empty() {
+            Duration::from_millis(5)
+        } else {
+            Duration::ZERO
+        };
+        w.exchange(&mut self.dev, wait)?;
+        let now = SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64);
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        Ok(())
+    }
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn recv_broker(p: &mut Proc) -> NetstackToBroker {
+    p.broker.recv().unwrap().msg
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn the_process_relays_tcp_is_confined_and_drops_revoked_leases() {
+    let mut p = spawn();
+    let pid = p.child.id();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let lease = lease(41);
+    let mut w = add_lease(&mut p, &lease);
+    let mut laptop = Laptop::new();
+
+    // An echo server on loopback, reached through the netstack process.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let server: SocketAddr = listener.local_addr().unwrap();
+    let (reset_tx, reset_rx) = std::sync::mpsc::channel::<bool>();
+    let join = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = vec![0; 65536];
+        let mut total = 0usize;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    s.write_all(&buf[..n]).unwrap();
+                    total += n;
+                }
+                Err(_) => break,
+            }
+        }
+        // After the data round trip the lease is revoked: the server sees the end.
+        let _ = reset_tx.send(true);
+        total
+    });
+
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+        tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+    );
+    sock.connect(
+        laptop.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        (IpAddress::Ipv4(CLIENT_V4), 40_100),
+    )
+    .unwrap();
+    let handle = laptop.sockets.add(sock);
+
+    const LEN: usize = 1024 * 1024;
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 13 + i / 253) as u8).collect();
+    let (mut sent, mut received) = (0, Vec::with_capacity(LEN));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < LEN {
+        assert!(
+            Instant::now() < deadline,
+            "echo timed out at {} bytes",
+            received.len()
+        );
+        let s = laptop.sockets.get_mut::<tcp::Socket>(handle);
+        if s.can_send() && sent < LEN {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if s.can_recv() {
+            s.recv(|b| {
+                received.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        laptop.step(&mut w).unwrap();
+    }
+    assert_eq!(fnv(&received), fnv(&data), "echoed bytes differ");
+    assert!(w.received > 0);
+
+    // Confined: seccomp filter mode, no_new_privs, no capabilities.
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+
+    // Counters on request.
+    p.broker
+        .send(&BrokerToNetstack::ReportCounters, &[])
+        .unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::Counters(c) => {
+            assert_eq!(c.tcp_flows, 1, "{c:?}");
+            assert!(c.packets_in > 0 && c.packets_out > 0, "{c:?}");
+            assert!(
+                c.bytes_in >= LEN as u64 && c.bytes_out >= LEN as u64,
+                "{c:?}"
+            );
+        }
+        other => panic!("expected counters, got {other:?}"),
+    }
+
+    // Revocation: the flow is dropped (the server sees a reset), the channel closes,
+    // the broker gets LeaseDropped.
+    p.broker
+        .send(&BrokerToNetstack::PeerRevoked { lease: lease.id }, &[])
+        .unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::LeaseDropped {
+            lease: l,
+            flows_dropped,
+        } => {
+            assert_eq!(l, lease.id);
+            assert_eq!(flows_dropped, 1);
+        }
+        other => panic!("expected LeaseDropped, got {other:?}"),
+    }
+    assert!(reset_rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert_eq!(join.join().unwrap(), LEN);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < end,
+            "data channel still open after revocation"
+        );
+        if w.exchange(&mut laptop.dev, Duration::from_millis(50))
+            .is_err()
+        {
+            break;
+        }
+    }
+
+    // Shutdown: exit status 0.
+    p.broker
+        .send(
+            &BrokerToNetstack::Shutdown {
+                reason: ShutdownReason::GatewayStopping,
+            },
+            &[],
+        )
+        .unwrap();
+    let status = wait_exit(&mut p.child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < end, "the netstack did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_bad_worker_message_drops_that_lease_only() {
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let good = lease(1);
+    let mut bad_lease = lease(2);
+    bad_lease.ipv4.addr = Ipv4Addr::new(100, 64, 0, 3);
+    bad_lease.ipv6 = None;
+    let mut w_good = add_lease(&mut p, &good);
+
+    // The bad worker: a valid hello, then a frame whose header claims 16 MiB.
+    let (worker_end, netstack_end) = UnixStream::pair().unwrap();
+    p.broker
+        .send(
+            &BrokerToNetstack::LeaseAdded {
+                lease: bad_lease.clone(),
+            },
+            &[netstack_end.as_fd()],
+        )
+        .unwrap();
+    drop(netstack_end);
+    worker_end
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut raw = worker_end.try_clone().unwrap();
+    let _ch = Channel::<data::WorkerEnd>::open(worker_end).unwrap();
+    raw.write_all(&(16u32 << 20).to_le_bytes()).unwrap();
+    raw.write_all(&[ipc_schema::SCHEMA_VERSION; 8]).unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::LeaseDropped { lease, .. } => assert_eq!(lease, bad_lease.id),
+        other => panic!("expected LeaseDropped, got {other:?}"),
+    }
+    // The bad worker's socket was shut down: it reads the end of the stream (after
+    // the netstack's hello and credit, which are already consumed or pending).
+    let mut buf = [0u8; 256];
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < end);
+        match raw.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+
+    // The process and the other lease are fine: a UDP echo goes through.
+    let server = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let echo = thread::spawn(move || {
+        let mut b = [0u8; 1500];
+        let (n, from) = server.recv_from(&mut b).unwrap();
+        server.send_to(&b[..n], from).unwrap();
+        b[..n].to_vec()
+    });
+    let mut laptop = Laptop::new();
+    let mut udp = smoltcp::socket::udp::Socket::new(
+        smoltcp::socket::udp::PacketBuffer::new(
+            vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8],
+            vec![0; 8192],
+        ),
+        smoltcp::socket::udp::PacketBuffer::new(
+            vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8],
+            vec![0; 8192],
+        ),
+    );
+    udp.bind((IpAddress::Ipv4(CLIENT_V4), 5353)).unwrap();
+    let h = laptop.sockets.add(udp);
+    laptop
+        .sockets
+        .get_mut::<smoltcp::socket::udp::Socket>(h)
+        .send_slice(
+            b"still alive",
+            (IpAddress::from(server_addr.ip()), server_addr.port()),
+        )
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        assert!(Instant::now() < end, "no UDP echo");
+        laptop.step(&mut w_good).unwrap();
+        let s = laptop.sockets.get_mut::<smoltcp::socket::udp::Socket>(h);
+        if s.can_recv() {
+            let (d, _) = s.recv().unwrap();
+            break d.to_vec();
+        }
+    };
+    assert_eq!(got, b"still alive");
+    assert_eq!(echo.join().unwrap(), b"still alive");
+    assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
+    let _ = MTU;
+}
+
+#[test]
+fn broker_eof_ends_the_process_and_missing_fd3_fails_start() {
+    let mut p = spawn();
+    // Closing the broker's end: the netstack exits on its own.
+    let (dummy, _other) = UnixStream::pair().unwrap();
+    let ch = std::mem::replace(&mut p.broker, {
+        // A throwaway channel so `Proc` stays whole; its peer end is never read.
+        let (a, b) = (dummy, _other);
+        let t = thread::spawn(move || Channel::<bn::NetstackEnd>::open(b));
+        let c = Channel::<bn::BrokerEnd>::open(a).unwrap();
+        let _ = t.join();
+        c
+    });
+    drop(ch);
+    let status = wait_exit(&mut p.child);
+    assert_eq!(status.code(), Some(2), "{status:?}");
+    assert!(status.signal().is_none());
+
+    let out = Command::new(BIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    // Exit 1 with a one-line reason: fd 3 missing (or, if the test runner leaked an
+    // fd 3, a failed hello on it).
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vpnshare-netstack: "), "{err}");
+}
