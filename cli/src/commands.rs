@@ -80,6 +80,18 @@ pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdRes
         let _ = writeln!(out, "{}", started.invite);
         let _ = out.flush();
     }
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // The invite as a QR code for a phone's camera; only on a terminal, so logs
+        // and scripts get the URI line alone.
+        if let Ok(code) = qrcode::QrCode::new(started.invite.to_string().as_bytes()) {
+            let image = code
+                .render::<qrcode::render::unicode::Dense1x2>()
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .build();
+            eprintln!("{image}");
+        }
+    }
     eprintln!(
         "vpnshare: sharing on {} (UDP and TCP); invite above; control socket {}",
         started.local_addr,

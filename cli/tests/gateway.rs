@@ -181,7 +181,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("VPNSHARE_TEST_LOG").is_some() {
             eprintln!("--- gateway log ---\n{}", self.log());
         }
         let _ = self.child.kill();
