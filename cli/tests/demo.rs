@@ -29,9 +29,9 @@ fn demo_runs_and_both_sides_show_the_same_code() {
 }
 
 #[test]
-fn commands_not_built_yet_fail_with_one_line() {
+fn failures_are_one_line_on_stderr() {
     let out = Command::new(env!("CARGO_BIN_EXE_vpnshare"))
-        .args(["status"])
+        .args(["id", "--state-dir", "/proc/vpnshare-cannot-exist"])
         .output()
         .unwrap();
     assert!(!out.status.success());
