@@ -273,7 +273,11 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
                 tracing::info!(?reason, "shut down before a transport arrived");
                 return Ok(exit_code::OK);
             }
-            (BrokerToWorker::ReportCounters, _) => {}
+            (BrokerToWorker::ReportCounters, _) => {
+                let zero = crate::counters::Stats::default().to_wire();
+                link.send(&broker_worker::WorkerToBroker::Counters(zero))
+                    .map_err(RunError::Broker)?;
+            }
             (other, _) => {
                 tracing::warn!(message = ?other, "unexpected before AdoptTransport");
                 return Err(RunError::NoTransport("another message"));
