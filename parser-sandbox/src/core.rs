@@ -463,10 +463,13 @@ impl WorkerCore {
                 Exit::ProtocolError => Some(SessionEnd::ProtocolError),
                 Exit::Refused(_) | Exit::Shutdown(_) => None,
             };
+            // The final counters: the broker cannot ask once the worker is gone.
+            self.to_broker
+                .push(WorkerToBroker::Counters(self.stats.to_wire()));
             if let Some(reason) = reason {
                 self.to_broker.push(WorkerToBroker::SessionEnded { reason });
             }
-            tracing::info!(?exit, "session ends");
+            tracing::info!(?exit, stats = ?self.stats, "session ends");
         }
     }
 

@@ -432,6 +432,10 @@ fn udp_session_end_to_end_in_the_real_confined_worker() {
     let close = client.data(Duration::ZERO, |w| w.close(CloseReason::Normal).unwrap());
     client_sock.send(&close).unwrap();
     match ch.recv().unwrap().msg {
+        WorkerToBroker::Counters(c) => assert_eq!(c.packets_forwarded, 2),
+        other => panic!("expected the final counters, got {other:?}"),
+    }
+    match ch.recv().unwrap().msg {
         WorkerToBroker::SessionEnded { reason } => {
             assert_eq!(
                 reason,
@@ -518,6 +522,10 @@ fn tcp_session_with_pending_then_admit_in_the_real_worker() {
 
     // The client goes away: end of stream.
     drop(client_sock);
+    match ch.recv().unwrap().msg {
+        WorkerToBroker::Counters(c) => assert_eq!(c.packets_delivered, 3),
+        other => panic!("expected the final counters, got {other:?}"),
+    }
     match ch.recv().unwrap().msg {
         WorkerToBroker::SessionEnded { .. } => {}
         other => panic!("{other:?}"),
