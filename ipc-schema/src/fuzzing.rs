@@ -372,6 +372,7 @@ pub mod samples {
             },
             SessionToHelper::SetRoutes {
                 routes: BoundedVec::new(l.routes).unwrap_or_default(),
+                gateway: IpAddr::V4(Ipv4Addr::new(192, 168, 42, 129)),
             },
             SessionToHelper::SetDns {
                 servers: BoundedVec::new(l.dns).unwrap_or_default(),

@@ -98,6 +98,7 @@ fn largest_valid_messages_fit_their_limits() {
     fits::<sh::SessionEnd>(&[
         SessionToHelper::SetRoutes {
             routes: BoundedVec::new(vec![Route::V6(v6()); MAX_LEASE_ROUTES]).unwrap(),
+            gateway: IpAddr::V6(Ipv6Addr::from(u128::MAX)),
         },
         SessionToHelper::SetDns {
             servers: BoundedVec::new(vec![IpAddr::V6(Ipv6Addr::from(u128::MAX)); MAX_LEASE_DNS])

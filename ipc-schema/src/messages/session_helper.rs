@@ -25,9 +25,12 @@ pub enum SessionToHelper {
         ipv6: Option<Ipv6Prefix>,
         mtu: u16,
     },
-    /// Replace the routes through the TUN.
+    /// Replace the routes through the TUN. `gateway` is the address the session's own
+    /// transport reaches the gateway at: the helper keeps it on the original route (a
+    /// host route), so no packet of the transport loops into the TUN.
     SetRoutes {
         routes: BoundedVec<Route, MAX_LEASE_ROUTES>,
+        gateway: IpAddr,
     },
     /// Replace the DNS servers used while the tunnel is up.
     SetDns {
@@ -83,7 +86,7 @@ impl Message for SessionToHelper {
                 prefix_ok(ipv4.len, 32)?;
                 ipv6.map_or(Ok(()), |p| prefix_ok(p.len, 128))
             }
-            Self::SetRoutes { routes } => routes.as_slice().iter().try_for_each(|r| match r {
+            Self::SetRoutes { routes, .. } => routes.as_slice().iter().try_for_each(|r| match r {
                 Route::V4(p) => prefix_ok(p.len, 32),
                 Route::V6(p) => prefix_ok(p.len, 128),
             }),
