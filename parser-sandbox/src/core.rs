@@ -410,6 +410,11 @@ impl WorkerCore {
         &mut self.records
     }
 
+    /// The driver could not send one queued record (counted).
+    pub fn record_unsent(&mut self) {
+        self.stats.records_unsent += 1;
+    }
+
     /// Messages for the broker, in order.
     pub fn drain_broker(&mut self) -> std::vec::Drain<'_, WorkerToBroker> {
         self.to_broker.drain(..)

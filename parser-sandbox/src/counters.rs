@@ -149,6 +149,8 @@ impl PacketDrops {
 pub struct Stats {
     pub records_in: u64,
     pub records_out: u64,
+    /// Sealed records the transport would not take (datagram socket buffer full).
+    pub records_unsent: u64,
     /// Packets the peer sent (before validation).
     pub packets_received: u64,
     /// Packets that passed validation and went to the netstack.

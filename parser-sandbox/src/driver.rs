@@ -535,8 +535,13 @@ impl Loop {
         if !core.records().is_empty() {
             let result = match self.transport.mode {
                 TransportMode::Datagram => {
-                    for rec in core.records().iter() {
-                        send_datagram(self.transport.fd.as_fd(), rec);
+                    let unsent = core
+                        .records()
+                        .iter()
+                        .filter(|rec| !send_datagram(self.transport.fd.as_fd(), rec))
+                        .count();
+                    for _ in 0..unsent {
+                        core.record_unsent();
                     }
                     Ok(())
                 }
@@ -586,23 +591,23 @@ fn wait_writable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), Errno> {
 }
 
 /// One datagram; a full socket buffer waits briefly, then the record is dropped (UDP
-/// may lose it anyway).
-fn send_datagram(fd: BorrowedFd<'_>, rec: &[u8]) {
+/// may lose it anyway). Returns whether it was sent.
+fn send_datagram(fd: BorrowedFd<'_>, rec: &[u8]) -> bool {
     let deadline = Instant::now() + Duration::from_millis(200);
     loop {
         match send(fd.as_raw_fd(), rec, MsgFlags::empty()) {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(Errno::EAGAIN | Errno::ENOBUFS) => {
                 if wait_writable(fd, deadline).is_err() {
                     tracing::debug!("datagram dropped: socket buffer full");
-                    return;
+                    return false;
                 }
             }
             Err(Errno::EINTR) => {}
             Err(e) => {
                 // ECONNREFUSED and friends: the peer is away; the idle timeout decides.
                 tracing::debug!(error = %e, "datagram send failed");
-                return;
+                return false;
             }
         }
     }
