@@ -1,0 +1,884 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! Issue #4's proof: the real `vpnshare gateway --egress vpn` (broker, one
+//! `vpnshare-worker` per peer, `vpnshare-netstack`) runs in the testbed's `phone`
+//! namespace, whose only route to the internet is a real WireGuard VPN (boringtun).
+//! A client in the `laptop` namespace speaks VSHP over UDP to it (IK with the key from
+//! the invite URI the gateway printed) and carries a smoltcp userspace TCP/IP stack
+//! with the leased address, so real TCP connections, UDP exchanges and DNS lookups
+//! cross the gateway into the `internet` namespace and back.
+//!
+//! Needs root (network namespaces) and the workspace's binaries next to this test's
+//! directory: `cargo nextest run --workspace` (or `cargo build --workspace`) builds
+//! `vpnshare`, `vpnshare-worker` and `vpnshare-netstack` first. Without them, or
+//! without root, the test prints `SKIPPED` and why, and passes.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker::invite::Invite;
+use sha2::{Digest, Sha256};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+use testbed::{Node, Testbed};
+use vshp::handshake::{Initiator, Next};
+use vshp::key_oracle::StaticKeypair;
+use vshp::lease::Lease;
+use vshp::message::{Message, MessageReader, MessageWriter, Platform};
+use vshp::record::{self, Capabilities, MAX_RECORD_LEN, Record, SessionIndex};
+use vshp::transport::{Session, TransportMode};
+
+/// The download of issue #4: 50 MB (MiB), hashed on the fly.
+const FILE_MB: usize = 50;
+const LISTEN_PORT: u16 = 7400;
+
+// ---------------------------------------------------------------- binaries
+
+/// `target/debug` (or whichever profile): where cargo puts the workspace's binaries,
+/// one level above this test executable (`target/debug/deps/gateway-…`).
+fn bin_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.to_path_buf())
+}
+
+fn binaries() -> Result<PathBuf, String> {
+    let dir = bin_dir().ok_or("cannot locate the target directory")?;
+    for b in ["vpnshare", "vpnshare-worker", "vpnshare-netstack"] {
+        if !dir.join(b).is_file() {
+            return Err(format!(
+                "{} is missing: build the workspace first (`cargo nextest run --workspace` or `cargo build --workspace`)",
+                dir.join(b).display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vpnshare-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+// ---------------------------------------------------------------- the gateway
+
+/// `vpnshare gateway` running in the phone namespace; killed on drop (the testbed's
+/// drop would SIGKILL it too, with its children).
+struct Gateway {
+    child: Child,
+    dir: PathBuf,
+    bin: PathBuf,
+    invite: Invite,
+    log: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    fn start(tb: &Testbed, bins: &Path, dir: &Path, env: &[(&str, &Path)]) -> Self {
+        let bin = bins.join("vpnshare");
+        let listen = SocketAddr::new(tb.phone_lan_ip(), LISTEN_PORT);
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "gateway",
+            "--listen",
+            &listen.to_string(),
+            "--egress",
+            "vpn",
+        ])
+        .arg("--state-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = tb.run_in(Node::Phone, &mut cmd).unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let invite = match Invite::parse(&line) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "no invite on stdout ({e}): {line:?}\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Self {
+            child,
+            dir: dir.to_path_buf(),
+            bin,
+            invite,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(&self.bin)
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Children of the gateway whose name starts with `comm_prefix` (comm: ≤ 15 bytes).
+    fn children(&self, comm_prefix: &str) -> Vec<u32> {
+        let me = self.child.id().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| {
+                let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (comm, rest) = stat.split_once(") ")?;
+                let ppid = rest.split_whitespace().nth(1)?;
+                (ppid == me && comm.contains(&format!("({comm_prefix}"))).then_some(pid)
+            })
+            .collect()
+    }
+
+    fn wait_log(&self, what: &str, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if self.log().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log());
+        }
+    }
+}
+
+fn vpnshare(bins: &Path, args: &[&str]) -> String {
+    let out = Command::new(bins.join("vpnshare"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "vpnshare {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// (g) The gateway's worker and netstack children run confined.
+fn check_confinement(gw: &Gateway) -> Vec<String> {
+    let mut seen = Vec::new();
+    for comm in ["vpnshare-worke", "vpnshare-netst"] {
+        let pids = gw.children(comm);
+        assert!(
+            !pids.is_empty(),
+            "no {comm}* child of the gateway {}: {:?}",
+            gw.child.id(),
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+                .filter(|s| s.contains("(vpnshare"))
+                .collect::<Vec<_>>()
+        );
+        for pid in pids {
+            let st = proc_status(pid);
+            assert_eq!(field(&st, "Seccomp"), "2", "{comm} {pid}: {st}");
+            assert_eq!(field(&st, "NoNewPrivs"), "1", "{comm} {pid}");
+            assert_eq!(field(&st, "CapEff"), "0000000000000000", "{comm} {pid}");
+            assert_eq!(field(&st, "CapPrm"), "0000000000000000", "{comm} {pid}");
+            seen.push(format!(
+                "{comm}* pid {pid}: Seccomp 2, NoNewPrivs 1, CapEff 0"
+            ));
+        }
+    }
+    seen
+}
+
+fn proc_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+}
+
+fn field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- the laptop
+
+#[derive(Default)]
+struct Dev {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct RxT(Vec<u8>);
+struct TxT<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for RxT {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxT<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl phy::Device for Dev {
+    type RxToken<'a> = RxT;
+    type TxToken<'a> = TxT<'a>;
+    fn receive(&mut self, _: SmolInstant) -> Option<(RxT, TxT<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((RxT(p), TxT(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: SmolInstant) -> Option<TxT<'_>> {
+        Some(TxT(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = self.mtu;
+        c
+    }
+}
+
+/// The laptop: a VSHP session over UDP and a smoltcp stack on the leased address.
+struct Laptop {
+    sock: UdpSocket,
+    session: Session,
+    start: Instant,
+    lease: Lease,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: Dev,
+    next_port: u16,
+    rbuf: Vec<u8>,
+    records_in: u64,
+}
+
+/// Plaintext budget of one record the laptop sends (one LAN datagram).
+const RECORD_PLAIN: usize = 1420;
+
+impl Laptop {
+    /// IK handshake with the invite's key, then waits for CONFIG (the lease).
+    fn connect(gateway: SocketAddr, gateway_key: [u8; 32], me: &StaticKeypair) -> Self {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        sock.connect(gateway).unwrap();
+        set_rcvbuf(&sock);
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut init = Initiator::new(
+            me.clone(),
+            Some(gateway_key),
+            Capabilities::ALL_V1,
+            SessionIndex(0x00e2_e000),
+        )
+        .unwrap();
+        let mut payload = vec![0u8; 512];
+        let mut w = MessageWriter::new(&mut payload);
+        w.hello(Capabilities::ALL_V1.0).unwrap();
+        w.auth("e2e-laptop", Platform::Linux).unwrap();
+        let p = w.finish().to_vec();
+        let mut wire = vec![0u8; MAX_RECORD_LEN];
+        let n = init.write_init(&p, &mut wire).unwrap();
+        sock.send(&wire[..n]).unwrap();
+        let mut buf = vec![0u8; MAX_RECORD_LEN];
+        let n = sock.recv(&mut buf).unwrap();
+        if let Ok(Record::Error(e)) = record::decode(&buf[..n]) {
+            panic!("the gateway refused the handshake: {:?}", e.reason);
+        }
+        let mut out = vec![0u8; MAX_RECORD_LEN];
+        init.read_response(&buf[..n], &mut out).unwrap();
+        assert_eq!(init.next(), Next::Established, "IK needs two messages");
+        let est = init.into_established().unwrap();
+        let start = Instant::now();
+        let mut session = Session::new(&est, TransportMode::Datagram, Duration::ZERO).unwrap();
+        let lease = loop {
+            let n = sock.recv(&mut buf).unwrap();
+            let Ok(plain) = session.open_in_place(&mut buf[..n], start.elapsed()) else {
+                continue;
+            };
+            let mut lease = None;
+            for m in MessageReader::new(plain) {
+                match m.unwrap() {
+                    Message::Config(l) => lease = Some(l),
+                    Message::Error { reason, .. } => panic!("gateway error: {reason:?}"),
+                    _ => {}
+                }
+            }
+            if let Some(l) = lease {
+                break l;
+            }
+        };
+        sock.set_nonblocking(true).unwrap();
+        let mut dev = Dev {
+            mtu: usize::from(lease.mtu),
+            ..Dev::default()
+        };
+        let mut iface = Interface::new(
+            IfaceConfig::new(HardwareAddress::Ip),
+            &mut dev,
+            SmolInstant::from_micros(0),
+        );
+        let gw_v4 = lease
+            .dns
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
+            .unwrap();
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(
+                IpAddress::Ipv4(lease.ipv4.addr),
+                lease.ipv4.len,
+            ))
+            .unwrap();
+        });
+        iface.routes_mut().add_default_ipv4_route(gw_v4).unwrap();
+        Self {
+            sock,
+            session,
+            start,
+            lease,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            dev,
+            next_port: 40_000,
+            rbuf: vec![0u8; MAX_RECORD_LEN],
+            records_in: 0,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    fn port(&mut self) -> u16 {
+        self.next_port += 1;
+        self.next_port
+    }
+
+    /// One round: smoltcp → records → gateway; gateway → records → smoltcp. Waits at
+    /// most `max_wait` for the gateway when there is nothing to send.
+    fn step(&mut self, max_wait: Duration) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.send_packets();
+        let wait = self
+            .iface
+            .poll_delay(self.now(), &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(max_wait)
+            .min(max_wait);
+        self.receive(wait);
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.send_packets();
+    }
+
+    fn send_packets(&mut self) {
+        let pkts: Vec<Vec<u8>> = self.dev.tx.drain(..).collect();
+        let mut i = 0;
+        let mut plain = vec![0u8; RECORD_PLAIN + 64];
+        let mut rec = vec![0u8; MAX_RECORD_LEN];
+        while i < pkts.len() {
+            let refs: Vec<&[u8]> = pkts[i..].iter().map(|p| p.as_slice()).collect();
+            let budget = RECORD_PLAIN.max(refs[0].len() + 16);
+            if plain.len() < budget {
+                plain.resize(budget, 0);
+            }
+            let mut w = MessageWriter::new(&mut plain[..budget]);
+            let taken = w.ip_packets(&refs).unwrap();
+            let n = w.len();
+            let len = self
+                .session
+                .seal(&plain[..n], &mut rec, self.start.elapsed())
+                .unwrap();
+            // A full socket buffer drops the datagram, as a LAN would.
+            let _ = self.sock.send(&rec[..len]);
+            i += taken;
+        }
+    }
+
+    fn receive(&mut self, wait: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        if self.dev.tx.is_empty() && !wait.is_zero() {
+            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+        }
+        for _ in 0..256 {
+            let n = match self.sock.recv(&mut self.rbuf) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            let now = self.start.elapsed();
+            let Ok(plain) = self.session.open_in_place(&mut self.rbuf[..n], now) else {
+                continue;
+            };
+            self.records_in += 1;
+            for m in MessageReader::new(plain) {
+                match m {
+                    Ok(Message::IpPacket(batch)) => {
+                        for p in batch.iter() {
+                            self.dev.rx.push_back(p.to_vec());
+                        }
+                    }
+                    Ok(Message::Error { reason, .. }) => eprintln!("gateway ERROR: {reason:?}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Steps until `done` holds or `secs` pass; returns whether it held.
+    fn run_until(&mut self, secs: u64, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            self.step(Duration::from_millis(20));
+        }
+    }
+
+    fn tcp_connect(&mut self, to: SocketAddr, buf: usize) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buf]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        );
+        let local = (IpAddress::Ipv4(self.lease.ipv4.addr), self.port());
+        s.connect(
+            self.iface.context(),
+            (IpAddress::from(to.ip()), to.port()),
+            local,
+        )
+        .unwrap();
+        self.sockets.add(s)
+    }
+
+    fn udp_socket(&mut self) -> SocketHandle {
+        let mut s = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16384]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16384]),
+        );
+        s.bind((IpAddress::Ipv4(self.lease.ipv4.addr), self.port()))
+            .unwrap();
+        self.sockets.add(s)
+    }
+
+    /// Sends one datagram and waits up to `secs` for the first answer.
+    fn udp_request(&mut self, to: SocketAddr, payload: &[u8], secs: u64) -> Option<Vec<u8>> {
+        let h = self.udp_socket();
+        self.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(payload, (IpAddress::from(to.ip()), to.port()))
+            .unwrap();
+        let mut answer = None;
+        self.run_until(secs, |l| {
+            let s = l.sockets.get_mut::<udp::Socket>(h);
+            if s.can_recv() {
+                answer = Some(s.recv().unwrap().0.to_vec());
+            }
+            answer.is_some()
+        });
+        self.sockets.remove(h);
+        answer
+    }
+
+    /// HTTP GET over a TCP connection through the tunnel; returns (status line,
+    /// body length, body sha256) once the server closes.
+    fn http_get(&mut self, to: SocketAddr, path: &str, secs: u64) -> (String, u64, [u8; 32]) {
+        let h = self.tcp_connect(to, 1 << 20);
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            to.ip()
+        );
+        let mut sent = false;
+        let mut head = Vec::new();
+        let mut head_done = false;
+        let mut hasher = Sha256::new();
+        let mut body_len = 0u64;
+        let ok = self.run_until(secs, |l| {
+            let s = l.sockets.get_mut::<tcp::Socket>(h);
+            if !sent && s.may_send() {
+                s.send_slice(req.as_bytes()).unwrap();
+                sent = true;
+            }
+            while s.can_recv() {
+                s.recv(|b| {
+                    if head_done {
+                        hasher.update(&b[..]);
+                        body_len += b.len() as u64;
+                    } else {
+                        head.extend_from_slice(b);
+                        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let rest = head.split_off(i + 4);
+                            hasher.update(&rest);
+                            body_len += rest.len() as u64;
+                            head_done = true;
+                        }
+                    }
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            sent && !s.may_recv() && !s.can_recv()
+        });
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        assert!(
+            ok,
+            "HTTP GET {path} timed out after {body_len} body bytes ({:?})",
+            s.state()
+        );
+        s.close();
+        self.sockets.remove(h);
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        (status, body_len, hasher.finalize().into())
+    }
+}
+
+/// A bigger receive buffer for the laptop's tunnel socket (root may force it).
+fn set_rcvbuf(sock: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(sock, sockopt::RcvBufForce, &(8 << 20));
+}
+
+/// A DNS query for `name`, type A, recursion desired.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The A records of a response to a one-question query (answers right after it).
+fn dns_a_records(resp: &[u8], query_len: usize) -> (u16, u8, Vec<Ipv4Addr>) {
+    let id = u16::from_be_bytes([resp[0], resp[1]]);
+    let rcode = resp[3] & 0x0f;
+    let ancount = u16::from_be_bytes([resp[6], resp[7]]);
+    let mut i = query_len;
+    let mut out = Vec::new();
+    for _ in 0..ancount {
+        // Name: a pointer (2 bytes) or labels.
+        if resp[i] & 0xc0 == 0xc0 {
+            i += 2;
+        } else {
+            while resp[i] != 0 {
+                i += 1 + usize::from(resp[i]);
+            }
+            i += 1;
+        }
+        let ty = u16::from_be_bytes([resp[i], resp[i + 1]]);
+        let rdlen = usize::from(u16::from_be_bytes([resp[i + 8], resp[i + 9]]));
+        let rdata = &resp[i + 10..i + 10 + rdlen];
+        if ty == 1 && rdlen == 4 {
+            out.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]));
+        }
+        i += 10 + rdlen;
+    }
+    (id, rcode, out)
+}
+
+fn testbed_or_skip(file_mb: usize) -> Option<(Testbed, PathBuf)> {
+    let bins = match binaries() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+    };
+    match Testbed::builder().http_file_mb(file_mb).build() {
+        Ok(tb) => Some((tb, bins)),
+        Err(e) => {
+            eprintln!("SKIPPED: the testbed needs root and /dev/net/tun: {e}");
+            None
+        }
+    }
+}
+
+fn wait_status(gw: &Gateway, what: &str, secs: u64, f: impl Fn(&serde_json::Value) -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = gw.status();
+        if f(&s) {
+            return;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn laptop_reaches_the_internet_through_the_gateway_and_its_vpn() {
+    let Some((tb, bins)) = testbed_or_skip(FILE_MB) else {
+        return;
+    };
+    let dir = temp_dir("gw");
+    let me = StaticKeypair::generate().unwrap();
+    let d = dir.to_str().unwrap();
+    vpnshare(
+        &bins,
+        &[
+            "peers",
+            "--state-dir",
+            d,
+            "add",
+            &hex::encode(me.public_key()),
+            "--name",
+            "e2e-laptop",
+        ],
+    );
+    let gw = Gateway::start(&tb, &bins, &dir, &[]);
+    assert_eq!(gw.invite.port, LISTEN_PORT);
+    let gateway_addr = SocketAddr::new(gw.invite.host.parse().unwrap(), gw.invite.port);
+    assert_eq!(gateway_addr.ip(), tb.phone_lan_ip());
+    wait_status(&gw, "the VPN to be detected", 20, |s| {
+        s["sharing_available"] == true
+    });
+
+    let http = tb.http_addr();
+    let dns_server_queries = || tb.dns_queries();
+    let report = tb
+        .in_ns(Node::Laptop, || {
+            let mut report = Vec::<String>::new();
+            let mut laptop = Laptop::connect(gateway_addr, gw.invite.key, &me);
+            report.push(format!(
+                "lease {} mtu {}",
+                laptop.lease.ipv4.addr, laptop.lease.mtu
+            ));
+
+            // (a) The download, hashed on the fly.
+            let t0 = Instant::now();
+            let (status, len, sha) = laptop.http_get(http, "/file", 600);
+            let took = t0.elapsed();
+            assert!(status.contains("200"), "{status}");
+            assert_eq!(len, tb.file_len());
+            assert_eq!(sha, tb.file_sha256(), "sha256 of the download differs");
+            report.push(format!(
+                "download {} bytes in {:.1} s (debug build)",
+                len,
+                took.as_secs_f64()
+            ));
+
+            // (b) DNS through the gateway's forwarder, then from its cache.
+            let dns = SocketAddr::new(laptop.lease.dns[0], 53);
+            let before = dns_server_queries();
+            let q = dns_query(0x4242, "files.vpnshare.test");
+            let r = laptop.udp_request(dns, &q, 10).expect("no DNS answer");
+            let (id, rcode, addrs) = dns_a_records(&r, q.len());
+            assert_eq!((id, rcode), (0x4242, 0));
+            assert_eq!(addrs, vec![Ipv4Addr::new(198, 18, 0, 10)]);
+            let after_first = dns_server_queries();
+            assert!(after_first > before, "the upstream saw no query");
+            let q2 = dns_query(0x5151, "files.vpnshare.test");
+            let r2 = laptop
+                .udp_request(dns, &q2, 10)
+                .expect("no cached DNS answer");
+            let (id2, rcode2, addrs2) = dns_a_records(&r2, q2.len());
+            assert_eq!((id2, rcode2), (0x5151, 0));
+            assert_eq!(addrs2, addrs);
+            assert_eq!(
+                dns_server_queries(),
+                after_first,
+                "the second answer was not cached"
+            );
+            report.push("DNS answered, second answer from the cache".into());
+
+            // (c) UDP echo.
+            let echoes = tb.udp_echoes();
+            let e = laptop
+                .udp_request(tb.udp_echo_addr(), b"e2e udp echo", 10)
+                .expect("no UDP echo");
+            assert_eq!(e, b"e2e udp echo");
+            assert!(tb.udp_echoes() > echoes);
+
+            // (d) A closed port: the client sees RST (connection refused), quickly.
+            let h = laptop.tcp_connect(tb.closed_tcp_addr(), 4096);
+            let mut was_syn_sent = false;
+            let refused = laptop.run_until(5, |l| {
+                let st = l.sockets.get::<tcp::Socket>(h).state();
+                was_syn_sent |= st == tcp::State::SynSent;
+                was_syn_sent && st == tcp::State::Closed
+            });
+            assert!(refused, "no RST from the closed port");
+            laptop.sockets.remove(h);
+
+            // (e) Forbidden destinations are dropped by the worker: loopback and the
+            // phone's own LAN address never answer, while the echo server still does.
+            for dst in [
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7),
+                SocketAddr::new(tb.phone_lan_ip(), 7),
+            ] {
+                assert!(
+                    laptop.udp_request(dst, b"forbidden", 2).is_none(),
+                    "{dst} answered"
+                );
+            }
+            let h = laptop.tcp_connect(SocketAddr::new(tb.phone_lan_ip(), LISTEN_PORT), 4096);
+            laptop.run_until(2, |_| false);
+            assert_eq!(
+                laptop.sockets.get::<tcp::Socket>(h).state(),
+                tcp::State::SynSent
+            );
+            laptop.sockets.remove(h);
+            assert!(
+                laptop
+                    .udp_request(tb.udp_echo_addr(), b"still", 10)
+                    .is_some()
+            );
+
+            // (f) The VPN goes down: nothing leaves; it comes back: traffic flows.
+            tb.set_vpn_up(false).unwrap();
+            wait_status(&gw, "sharing unavailable", 20, |s| {
+                s["sharing_available"] == false
+            });
+            let echoes = tb.udp_echoes();
+            assert!(
+                laptop
+                    .udp_request(tb.udp_echo_addr(), b"vpn down", 3)
+                    .is_none(),
+                "an echo came back with the VPN down"
+            );
+            assert_eq!(tb.udp_echoes(), echoes, "a datagram left without the VPN");
+            tb.set_vpn_up(true).unwrap();
+            wait_status(&gw, "sharing available again", 20, |s| {
+                s["sharing_available"] == true
+            });
+            let mut back = None;
+            for _ in 0..5 {
+                back = laptop.udp_request(tb.udp_echo_addr(), b"vpn up", 3);
+                if back.is_some() {
+                    break;
+                }
+            }
+            assert_eq!(back.as_deref(), Some(&b"vpn up"[..]));
+            let (status, len, sha) = laptop.http_get(http, "/bytes/100000", 60);
+            assert!(status.contains("200"), "{status}");
+            assert_eq!(len, 100_000);
+            assert_eq!(sha, testbed::content_sha256(100_000));
+            report.push(format!("records from the gateway: {}", laptop.records_in));
+            report
+        })
+        .unwrap();
+
+    let confined = check_confinement(&gw);
+    // The netstack counted the traffic.
+    let s = gw.status();
+    let n = &s["netstack"];
+    assert!(n["bytes_out"].as_u64().unwrap() >= tb.file_len(), "{s}");
+    assert!(n["dns_queries"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["connected_peers"], 1, "{s}");
+    for line in report.iter().chain(&confined) {
+        eprintln!("e2e: {line}");
+    }
+    eprintln!("e2e: status {s}");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_that_breaks_its_sandbox_dies_by_sigsys_and_the_broker_logs_it() {
+    let Some((tb, bins)) = testbed_or_skip(1) else {
+        return;
+    };
+    let probe = bins.join("vpnshare-worker-probe");
+    if !probe.is_file() {
+        eprintln!(
+            "SKIPPED: {} is missing (built with the workspace)",
+            probe.display()
+        );
+        return;
+    }
+    let dir = temp_dir("sigsys");
+    let me = StaticKeypair::generate().unwrap();
+    let d = dir.to_str().unwrap();
+    vpnshare(
+        &bins,
+        &[
+            "peers",
+            "--state-dir",
+            d,
+            "add",
+            &hex::encode(me.public_key()),
+        ],
+    );
+    // The probe starts exactly like the worker, then calls socket(): SIGSYS.
+    let gw = Gateway::start(&tb, &bins, &dir, &[("VPNSHARE_WORKER", probe.as_path())]);
+    let gateway_addr = SocketAddr::new(gw.invite.host.parse().unwrap(), gw.invite.port);
+    let key = gw.invite.key;
+    tb.in_ns(Node::Laptop, || {
+        // One HANDSHAKE_INIT makes the broker start a "worker" for it.
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        sock.connect(gateway_addr).unwrap();
+        let mut init =
+            Initiator::new(me.clone(), Some(key), Capabilities::ALL_V1, SessionIndex(7)).unwrap();
+        let mut payload = vec![0u8; 256];
+        let mut w = MessageWriter::new(&mut payload);
+        w.hello(Capabilities::ALL_V1.0).unwrap();
+        let p = w.finish().to_vec();
+        let mut wire = vec![0u8; MAX_RECORD_LEN];
+        let n = init.write_init(&p, &mut wire).unwrap();
+        sock.send(&wire[..n]).unwrap();
+    })
+    .unwrap();
+    assert!(
+        gw.wait_log("killed by SIGSYS", 20),
+        "no SIGSYS in the gateway log:\n{}",
+        gw.log()
+    );
+    let audit = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    assert!(audit.contains("\"sandbox_violation\""), "{audit}");
+    assert!(audit.contains("SIGSYS"), "{audit}");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
