@@ -277,6 +277,7 @@ pub struct WorkerCore {
     pending_ticket: Option<SealedTicket>,
     window_start: Duration,
     window_handshakes: u64,
+    data_path: bool,
 }
 
 impl std::fmt::Debug for WorkerCore {
@@ -345,6 +346,7 @@ impl WorkerCore {
             pending_ticket: None,
             window_start: now,
             window_handshakes: 0,
+            data_path: true,
         }
     }
 
@@ -408,6 +410,20 @@ impl WorkerCore {
     /// Records to send, in order. Call [`RecordQueue::clear`] once sent.
     pub fn records(&mut self) -> &mut RecordQueue {
         &mut self.records
+    }
+
+    /// Whether a data path to the netstack exists (default: yes). Without one, valid
+    /// packets are dropped and counted instead of piling up in batches; turning it off
+    /// discards the batches waiting for it.
+    pub fn set_data_path(&mut self, attached: bool) {
+        self.data_path = attached;
+        if !attached {
+            self.flush_batch();
+            while let Some(b) = self.ready.front() {
+                self.stats.packet_drops.no_data_path += b.len() as u64;
+                self.batch_sent();
+            }
+        }
     }
 
     /// The driver could not send one queued record (counted).
@@ -792,6 +808,10 @@ impl WorkerCore {
         if let Err(d) = packet_policy::check_outbound(p, lease, &self.config.policy) {
             self.stats.packet_drops.count(d);
             tracing::trace!(reason = %d, "packet dropped");
+            return;
+        }
+        if !self.data_path {
+            self.stats.packet_drops.no_data_path += 1;
             return;
         }
         if self.current.push(p).is_err() {

@@ -89,6 +89,9 @@ pub struct PacketDrops {
     pub denied_prefix: u64,
     /// The peer sent packets before the broker admitted it (or while pending).
     pub not_admitted: u64,
+    /// Valid packets dropped because no data path to the netstack exists (the gateway
+    /// runs without one, or it failed). Not the peer's fault: not in `bad()`.
+    pub no_data_path: u64,
     /// Return packets (netstack → peer) that failed [`crate::packet_policy::check_return`].
     pub return_rejected: u64,
 }

@@ -303,6 +303,7 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
     }
     let oracle = Arc::new(BrokerOracle::new(link.clone(), args.gateway_key));
     let mut core = WorkerCore::new(config, oracle, origin.elapsed());
+    core.set_data_path(data.is_some());
     let mut lp = Loop {
         link,
         transport,
@@ -431,6 +432,7 @@ impl Loop {
         match (&m.msg, fds.next()) {
             (BrokerToWorker::AttachDataPath { lease }, Some(fd)) => {
                 self.data = attach_data_path(fd, *lease);
+                core.set_data_path(self.data.is_some());
             }
             (BrokerToWorker::AdoptTransport { .. }, Some(_)) => {
                 tracing::warn!("a second transport was offered: closed");
@@ -517,6 +519,7 @@ impl Loop {
                 if let Err(e) = d.ch.send_credit(grant) {
                     tracing::warn!(error = %e, "data path: credit failed");
                     self.data = None;
+                    core.set_data_path(false);
                 }
             }
             Ok(DataEvent::Credit(c)) => {
@@ -526,6 +529,7 @@ impl Loop {
             Err(e) => {
                 tracing::warn!(error = %e, "data path closed");
                 self.data = None;
+                core.set_data_path(false);
             }
         }
     }
@@ -567,6 +571,7 @@ impl Loop {
             if let Err(e) = d.ch.send_batch(batch) {
                 tracing::warn!(error = %e, "data path send failed");
                 self.data = None;
+                core.set_data_path(false);
                 break;
             }
             d.credit.packets -= packets;

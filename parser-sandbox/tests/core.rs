@@ -645,3 +645,26 @@ fn a_refused_handshake_gets_a_plaintext_overloaded_error() {
     assert_eq!(core.stats().record_drops.oracle_refused, 1);
     assert_eq!(core.phase(), Phase::Handshake);
 }
+
+#[test]
+fn without_a_data_path_valid_packets_are_dropped_and_counted() {
+    let (mut core, _) = new_core(TransportMode::Datagram);
+    let (mut client, fin) = handshake(&mut core, false, None);
+    admit(&mut core, &mut client, finished_id(&fin));
+    let good = ipv4(CLIENT_V4, WEB, 100);
+    let spoofed = ipv4(Ipv4Addr::new(100, 64, 0, 9), WEB, 100);
+    // A batch is waiting when the data path goes away: it is discarded, counted.
+    let mut rec = client.packets(T0, &[&good]);
+    let _ = core.on_record(&mut rec, T0);
+    core.set_data_path(false);
+    assert_eq!(core.ready_batches(), 0);
+    let mut rec = client.packets(T0, &[&good, &spoofed]);
+    let _ = core.on_record(&mut rec, T0);
+    assert!(batches(&mut core).is_empty());
+    let d = core.stats().packet_drops;
+    assert_eq!((d.no_data_path, d.spoofed_source), (2, 1));
+    core.set_data_path(true);
+    let mut rec = client.packets(T0, &[&good]);
+    let _ = core.on_record(&mut rec, T0);
+    assert_eq!(batches(&mut core), vec![vec![good]]);
+}

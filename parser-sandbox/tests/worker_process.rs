@@ -368,6 +368,91 @@ fn batches_wait_for_netstack_credit() {
 }
 
 #[test]
+fn without_a_netstack_packets_are_dropped_and_pings_still_answered() {
+    let (_worker, mut ch) = start_worker();
+    let client_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let worker_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    worker_sock
+        .connect(client_sock.local_addr().unwrap())
+        .unwrap();
+    client_sock
+        .connect(worker_sock.local_addr().unwrap())
+        .unwrap();
+    client_sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut client = Client::new(true, TransportMode::Datagram);
+    ch.send(
+        &BrokerToWorker::AdoptTransport {
+            kind: TransportKind::Datagram,
+            first_record: Some(FirstRecord::from_slice(&client.init(None)).unwrap()),
+        },
+        &[worker_sock.as_fd()],
+    )
+    .unwrap();
+    drop(worker_sock);
+    let mut guarded = None;
+    serve_oracle(&mut ch, &mut guarded, 3);
+    let mut buf = vec![0u8; 65_536];
+    let n = client_sock.recv(&mut buf).unwrap();
+    assert!(client.on_resp(&buf[..n], None, Duration::ZERO).is_none());
+    let id = expect_finished(&mut ch);
+    // Admitted, but no data path (the gateway runs without a netstack).
+    ch.send(
+        &BrokerToWorker::Decision {
+            handshake: id,
+            decision: Decision::Admit {
+                lease: lease(),
+                resumed: false,
+            },
+        },
+        &[],
+    )
+    .unwrap();
+    let n = client_sock.recv(&mut buf).unwrap();
+    assert_eq!(
+        client.open(&buf[..n], Duration::ZERO)[0],
+        Owned::Config(lease())
+    );
+    // More packets than the batches a data path would buffer (4 bursts of up to 64
+    // datagrams): the worker keeps reading, and answers a PING sent after them.
+    let good = ipv4(CLIENT_V4, WEB, 200);
+    for _ in 0..600 {
+        client_sock
+            .send(&client.packets(Duration::ZERO, &[&good]))
+            .unwrap();
+    }
+    client_sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut seq = 0;
+    let ponged = loop {
+        assert!(Instant::now() < deadline, "no PONG");
+        seq += 1;
+        let ping = client.data(Duration::ZERO, |w| {
+            w.ping(vshp::message::Keepalive {
+                seq,
+                tx_packets: 0,
+                rx_packets: 0,
+            })
+            .unwrap()
+        });
+        client_sock.send(&ping).unwrap();
+        if let Ok(n) = client_sock.recv(&mut buf) {
+            if let Some(Owned::Pong { seq, rx, .. }) =
+                client.open(&buf[..n], Duration::ZERO).first()
+            {
+                break (*seq, *rx);
+            }
+        }
+    };
+    assert!(
+        ponged.1 > 256,
+        "the worker read past the back-pressure point: {ponged:?}"
+    );
+    assert_eq!(forwarded(&mut ch), 0);
+}
+
+#[test]
 fn udp_session_end_to_end_in_the_real_confined_worker() {
     let (mut worker, mut ch) = start_worker();
     let client_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
