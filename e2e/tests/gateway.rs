@@ -697,13 +697,19 @@ fn laptop_reaches_the_internet_through_the_gateway_and_its_vpn() {
                 laptop.lease.ipv4.addr, laptop.lease.mtu
             ));
 
-            // (a) The download, hashed on the fly.
+            // (a) The download, hashed on the fly; it came in through the VPN.
+            let wg_before = tb.vpn_counters().unwrap();
             let t0 = Instant::now();
             let (status, len, sha) = laptop.http_get(http, "/file", 600);
             let took = t0.elapsed();
             assert!(status.contains("200"), "{status}");
             assert_eq!(len, tb.file_len());
             assert_eq!(sha, tb.file_sha256(), "sha256 of the download differs");
+            let wg_after = tb.vpn_counters().unwrap();
+            assert!(
+                wg_after.rx_bytes - wg_before.rx_bytes >= len,
+                "the download did not come through wg0: {wg_before:?} → {wg_after:?}"
+            );
             report.push(format!(
                 "download {} bytes in {:.1} s (debug build)",
                 len,
