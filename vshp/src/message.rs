@@ -33,6 +33,7 @@ pub mod kind {
     pub const RESUME: u8 = 0x08;
     pub const CLOSE: u8 = 0x09;
     pub const ERROR: u8 = 0x0A;
+    pub const TICKET: u8 = 0x0B;
     /// Types from here on are optional: unknown ones are skipped.
     pub const FIRST_OPTIONAL: u8 = 0x80;
 }
@@ -250,6 +251,10 @@ pub enum Message<'a> {
     Ping(Keepalive),
     Pong(Keepalive),
     Resume {
+        ticket: &'a [u8],
+    },
+    /// A fresh resume ticket from the gateway, for the next RESUME.
+    Ticket {
         ticket: &'a [u8],
     },
     Close(CloseReason),
@@ -483,13 +488,16 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message<'_>, MessageError> {
                 Message::Pong(k)
             }
         }
-        kind::RESUME => {
+        kind::RESUME | kind::TICKET => {
             let len = usize::from(b.u16("ticket length")?);
             if len > MAX_TICKET_LEN {
                 return Err(MessageError::TooLong);
             }
-            Message::Resume {
-                ticket: b.bytes(len, "ticket")?,
+            let ticket = b.bytes(len, "ticket")?;
+            if kind == kind::RESUME {
+                Message::Resume { ticket }
+            } else {
+                Message::Ticket { ticket }
             }
         }
         kind::CLOSE => {
@@ -787,10 +795,19 @@ impl<'a> MessageWriter<'a> {
     }
 
     pub fn resume(&mut self, ticket: &[u8]) -> Result<(), MessageError> {
+        self.ticket_message(kind::RESUME, ticket)
+    }
+
+    /// A fresh resume ticket for the client (gateway → client, in DATA).
+    pub fn ticket(&mut self, ticket: &[u8]) -> Result<(), MessageError> {
+        self.ticket_message(kind::TICKET, ticket)
+    }
+
+    fn ticket_message(&mut self, kind: u8, ticket: &[u8]) -> Result<(), MessageError> {
         if ticket.len() > MAX_TICKET_LEN {
             return Err(MessageError::TooLong);
         }
-        self.message(kind::RESUME, |w| {
+        self.message(kind, |w| {
             w.put(&(ticket.len() as u16).to_be_bytes());
             w.put(ticket);
         })
@@ -935,6 +952,7 @@ mod tests {
         .unwrap();
         w.resume(&[9; 40]).unwrap();
         w.close(CloseReason::Shutdown).unwrap();
+        w.ticket(&[8; 100]).unwrap();
         w.error(ErrorReason::Revoked, "bye").unwrap();
     }
 
@@ -947,7 +965,7 @@ mod tests {
         let msgs: Vec<_> = MessageReader::new(payload)
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(msgs.len(), 10);
+        assert_eq!(msgs.len(), 11);
         assert_eq!(msgs[0], Message::Hello { capabilities: 7 });
         assert_eq!(
             msgs[1],
@@ -964,8 +982,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(msgs[7], Message::Resume { ticket: &[9; 40] });
+        assert_eq!(msgs[9], Message::Ticket { ticket: &[8; 100] });
         assert_eq!(
-            msgs[9],
+            msgs[10],
             Message::Error {
                 reason: ErrorReason::Revoked,
                 detail: "bye"

@@ -131,6 +131,9 @@ fn vectors() -> Vec<(&'static str, String, Vec<u8>)> {
     msg("msg_resume", "Resume { ticket: [0xAB; 8] }".into(), &|w| {
         w.resume(&[0xAB; 8]).unwrap()
     });
+    msg("msg_ticket", "Ticket { ticket: [0xCD; 8] }".into(), &|w| {
+        w.ticket(&[0xCD; 8]).unwrap()
+    });
     msg("msg_close", "Close(Shutdown)".into(), &|w| {
         w.close(CloseReason::Shutdown).unwrap()
     });
