@@ -525,3 +525,105 @@ fn broker_eof_ends_the_process_and_missing_fd3_fails_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vpnshare-netstack: "), "{err}");
 }
+
+/// Sends one datagram from the laptop and steps until an answer or `secs` pass.
+fn udp_request(
+    laptop: &mut Laptop,
+    w: &mut Worker,
+    port: u16,
+    to: SocketAddr,
+    payload: &[u8],
+    secs: u64,
+) -> Option<Vec<u8>> {
+    use smoltcp::socket::udp;
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    );
+    s.bind((IpAddress::Ipv4(CLIENT_V4), port)).unwrap();
+    let h = laptop.sockets.add(s);
+    laptop
+        .sockets
+        .get_mut::<udp::Socket>(h)
+        .send_slice(payload, (IpAddress::from(to.ip()), to.port()))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut got = None;
+    while got.is_none() && Instant::now() < end {
+        laptop.step(w).unwrap();
+        let s = laptop.sockets.get_mut::<udp::Socket>(h);
+        if s.can_recv() {
+            got = Some(s.recv().unwrap().0.to_vec());
+        }
+    }
+    laptop.sockets.remove(h);
+    got
+}
+
+#[test]
+fn egress_follows_the_broker() {
+    let mut p = spawn();
+    let lease = lease(5);
+    let mut w = add_lease(&mut p, &lease);
+    let mut laptop = Laptop::new();
+    let server = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let to = server.local_addr().unwrap();
+    let serve = |server: &std::net::UdpSocket| -> usize {
+        let mut n = 0;
+        let mut b = [0u8; 1500];
+        while let Ok((len, from)) = server.recv_from(&mut b) {
+            server.send_to(&b[..len], from).unwrap();
+            n += 1;
+        }
+        n
+    };
+
+    // Before any Egress message, and with VpnDown: nothing leaves.
+    assert!(udp_request(&mut laptop, &mut w, 6000, to, b"no egress yet", 1).is_none());
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::VpnDown), &[])
+        .unwrap();
+    assert!(udp_request(&mut laptop, &mut w, 6001, to, b"vpn down", 1).is_none());
+    assert_eq!(serve(&server), 0, "a datagram left without egress");
+
+    // VpnUp on `lo`'s index: sockets are bound to it and the echo comes back.
+    let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+    p.broker
+        .send(
+            &BrokerToNetstack::Egress(EgressState::VpnUp { ifindex: lo }),
+            &[],
+        )
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let echo = thread::scope(|s| {
+        let t = s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                serve(&server);
+                thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let r = udp_request(&mut laptop, &mut w, 6002, to, b"vpn up", 10);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        r
+    });
+    assert_eq!(echo.as_deref(), Some(&b"vpn up"[..]));
+
+    // VpnUp on an interface that does not exist: the binding fails, nothing leaves.
+    p.broker
+        .send(
+            &BrokerToNetstack::Egress(EgressState::VpnUp { ifindex: 999_999 }),
+            &[],
+        )
+        .unwrap();
+    assert!(udp_request(&mut laptop, &mut w, 6003, to, b"no such vpn", 1).is_none());
+    assert_eq!(serve(&server), 0);
+    p.broker
+        .send(&BrokerToNetstack::ReportCounters, &[])
+        .unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::Counters(c) => assert!(c.dropped_no_egress >= 2, "{c:?}"),
+        other => panic!("expected counters, got {other:?}"),
+    }
+}
