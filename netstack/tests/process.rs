@@ -627,3 +627,88 @@ fn egress_follows_the_broker() {
         other => panic!("expected counters, got {other:?}"),
     }
 }
+
+#[test]
+fn a_new_channel_for_a_served_lease_keeps_its_flows() {
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let lease = lease(9);
+    let mut w1 = add_lease(&mut p, &lease);
+    let mut laptop = Laptop::new();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+        total
+    });
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 65536]),
+        tcp::SocketBuffer::new(vec![0; 65536]),
+    );
+    sock.connect(
+        laptop.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        (IpAddress::Ipv4(CLIENT_V4), 40_200),
+    )
+    .unwrap();
+    let handle = laptop.sockets.add(sock);
+    let echo = |laptop: &mut Laptop, w: &mut Worker, msg: &[u8]| {
+        let mut sent = false;
+        let mut got = Vec::new();
+        let end = Instant::now() + Duration::from_secs(20);
+        while got.len() < msg.len() {
+            assert!(Instant::now() < end, "no echo");
+            let s = laptop.sockets.get_mut::<tcp::Socket>(handle);
+            if !sent && s.can_send() {
+                s.send_slice(msg).unwrap();
+                sent = true;
+            }
+            if s.can_recv() {
+                s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            laptop.step(w).unwrap();
+        }
+        assert_eq!(got, msg);
+    };
+    echo(&mut laptop, &mut w1, b"through the first channel");
+
+    // The session resumes on a new worker: same lease, new data channel.
+    let mut w2 = add_lease(&mut p, &lease);
+    let end = Instant::now() + Duration::from_secs(10);
+    while w1
+        .exchange(&mut laptop.dev, Duration::from_millis(20))
+        .is_ok()
+    {
+        assert!(Instant::now() < end, "the old channel stays open");
+    }
+    echo(
+        &mut laptop,
+        &mut w2,
+        b"and the same TCP flow through the second",
+    );
+    laptop.sockets.get_mut::<tcp::Socket>(handle).close();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !join.is_finished() {
+        assert!(Instant::now() < end, "the server did not see the FIN");
+        laptop.step(&mut w2).unwrap();
+    }
+    let total =
+        "through the first channel".len() + "and the same TCP flow through the second".len();
+    assert_eq!(join.join().unwrap(), total);
+}
