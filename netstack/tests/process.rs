@@ -188,6 +188,7 @@ impl Worker {
 }
 
 struct Laptop {
+    addr: Ipv4Addr,
     iface: Interface,
     sockets: SocketSet<'static>,
     dev: LaptopDevice,
@@ -196,6 +197,10 @@ struct Laptop {
 
 impl Laptop {
     fn new() -> Self {
+        Self::with_addr(CLIENT_V4)
+    }
+
+    fn with_addr(addr: Ipv4Addr) -> Self {
         let mut dev = LaptopDevice::default();
         let mut iface = Interface::new(
             IfaceConfig::new(HardwareAddress::Ip),
@@ -203,13 +208,14 @@ impl Laptop {
             SmolInstant::from_micros(0),
         );
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(CLIENT_V4), 24)).unwrap();
+            a.push(IpCidr::new(IpAddress::Ipv4(addr), 24)).unwrap();
         });
         iface
             .routes_mut()
             .add_default_ipv4_route(common::GATEWAY_V4)
             .unwrap();
         Self {
+            addr,
             iface,
             sockets: SocketSet::new(Vec::new()),
             dev,
@@ -540,7 +546,7 @@ fn udp_request(
         udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
         udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
     );
-    s.bind((IpAddress::Ipv4(CLIENT_V4), port)).unwrap();
+    s.bind((IpAddress::Ipv4(laptop.addr), port)).unwrap();
     let h = laptop.sockets.add(s);
     laptop
         .sockets
@@ -711,4 +717,101 @@ fn a_new_channel_for_a_served_lease_keeps_its_flows() {
     let total =
         "through the first channel".len() + "and the same TCP flow through the second".len();
     assert_eq!(join.join().unwrap(), total);
+}
+
+#[test]
+fn a_worker_that_stops_reading_does_not_stall_the_others() {
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let slow_lease = lease(20);
+    let mut fast_lease = lease(21);
+    fast_lease.ipv4.addr = Ipv4Addr::new(100, 64, 0, 3);
+    fast_lease.ipv6 = None;
+    let mut slow = add_lease(&mut p, &slow_lease);
+    let mut fast = add_lease(&mut p, &fast_lease);
+    let mut slow_laptop = Laptop::new();
+    let mut fast_laptop = Laptop::with_addr(fast_lease.ipv4.addr);
+
+    // The slow lease opens a UDP mapping, then its worker grants a huge credit and never
+    // reads again while a server floods the mapping with 16 MB.
+    let flood = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    flood
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let flood_addr = flood.local_addr().unwrap();
+    let echo = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flood = stop.clone();
+    let flooder = thread::spawn(move || {
+        let mut b = [0u8; 1500];
+        let (_, mapping) = flood.recv_from(&mut b).unwrap();
+        let payload = [0x5au8; 1000];
+        while !stop_flood.load(std::sync::atomic::Ordering::Relaxed) {
+            for _ in 0..64 {
+                let _ = flood.send_to(&payload, mapping);
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let echoer = thread::spawn(move || {
+        let mut b = [0u8; 1500];
+        let (n, from) = echo.recv_from(&mut b).unwrap();
+        echo.send_to(&b[..n], from).unwrap();
+    });
+    // The first datagram only has to reach the flooder; no answer is expected.
+    let _ = udp_request(&mut slow_laptop, &mut slow, 7000, flood_addr, b"open", 1);
+    slow.ch
+        .send_credit(Credit {
+            packets: u32::MAX / 2,
+            bytes: u32::MAX / 2,
+        })
+        .unwrap();
+
+    // The flood goes on until the slow worker's socket is full: the netstack cannot
+    // write more to it (and must not wait for it).
+    let mut peek = vec![0u8; 4 << 20];
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let queued = nix::sys::socket::recv(
+            slow.ch.as_fd().as_raw_fd(),
+            &mut peek,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .unwrap_or(0);
+        if queued > 150_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {queued} bytes wait for the slow worker"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // The netstack keeps serving the other lease.
+    let got = udp_request(
+        &mut fast_laptop,
+        &mut fast,
+        7001,
+        echo_addr,
+        b"not stalled",
+        20,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooder.join().unwrap();
+    assert_eq!(got.as_deref(), Some(&b"not stalled"[..]));
+    echoer.join().unwrap();
+    p.broker
+        .send(&BrokerToNetstack::ReportCounters, &[])
+        .unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::Counters(c) => assert!(c.packets_out > 0, "{c:?}"),
+        other => panic!("expected counters, got {other:?}"),
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
 }
