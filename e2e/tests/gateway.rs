@@ -374,6 +374,21 @@ impl Laptop {
             .unwrap();
         });
         iface.routes_mut().add_default_ipv4_route(gw_v4).unwrap();
+        // IPv6 when the lease has it: its address and a default route via the
+        // gateway's IPv6 (DNS) address.
+        if let Some(v6) = lease.ipv6 {
+            iface.update_ip_addrs(|a| {
+                a.push(IpCidr::new(IpAddress::Ipv6(v6.addr), v6.len))
+                    .unwrap();
+            });
+            let gw_v6 = lease.dns.iter().find_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                _ => None,
+            });
+            if let Some(gw) = gw_v6 {
+                iface.routes_mut().add_default_ipv6_route(gw).unwrap();
+            }
+        }
         Self {
             sock,
             session,
@@ -490,7 +505,10 @@ impl Laptop {
             tcp::SocketBuffer::new(vec![0; buf]),
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
         );
-        let local = (IpAddress::Ipv4(self.lease.ipv4.addr), self.port());
+        let local = match (to.ip(), self.lease.ipv6) {
+            (IpAddr::V6(_), Some(v6)) => (IpAddress::Ipv6(v6.addr), self.port()),
+            _ => (IpAddress::Ipv4(self.lease.ipv4.addr), self.port()),
+        };
         s.connect(
             self.iface.context(),
             (IpAddress::from(to.ip()), to.port()),
@@ -812,6 +830,16 @@ fn laptop_reaches_the_internet_through_the_gateway_and_its_vpn() {
             assert!(status.contains("200"), "{status}");
             assert_eq!(len, 100_000);
             assert_eq!(sha, testbed::content_sha256(100_000));
+
+            // IPv6 inside the tunnel, out through the VPN's IPv6.
+            if tb.has_ipv6() && laptop.lease.ipv6.is_some() {
+                let (status, len, sha) =
+                    laptop.http_get(tb.addrs().http_v6(), "/bytes/2000000", 60);
+                assert!(status.contains("200"), "{status}");
+                assert_eq!(len, 2_000_000);
+                assert_eq!(sha, testbed::content_sha256(2_000_000));
+                report.push("IPv6: 2 MB over [fd00:18::10]:80".into());
+            }
             report.push(format!("records from the gateway: {}", laptop.records_in));
             report
         })
