@@ -280,9 +280,144 @@ impl phy::Device for Dev {
     }
 }
 
+/// The laptop's transport to the gateway: UDP datagrams, or a TCP stream of records
+/// each prefixed with its length (u16, big endian).
+enum Link {
+    Udp(UdpSocket),
+    Tcp {
+        stream: std::net::TcpStream,
+        buf: Vec<u8>,
+        have: usize,
+    },
+}
+
+impl Link {
+    fn udp(gateway: SocketAddr) -> Self {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        sock.connect(gateway).unwrap();
+        set_rcvbuf(&sock);
+        Link::Udp(sock)
+    }
+
+    fn tcp(gateway: SocketAddr) -> Self {
+        let stream =
+            std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(10)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Link::Tcp {
+            stream,
+            buf: vec![0u8; 4 * MAX_RECORD_LEN],
+            have: 0,
+        }
+    }
+
+    fn mode(&self) -> TransportMode {
+        match self {
+            Link::Udp(_) => TransportMode::Datagram,
+            Link::Tcp { .. } => TransportMode::Stream,
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Link::Udp(s) => s.as_fd(),
+            Link::Tcp { stream, .. } => stream.as_fd(),
+        }
+    }
+
+    fn send(&mut self, rec: &[u8]) {
+        use std::io::Write;
+        match self {
+            // A full socket buffer drops the datagram, as a LAN would.
+            Link::Udp(s) => {
+                let _ = s.send(rec);
+            }
+            Link::Tcp { stream, .. } => {
+                let mut framed = u16::try_from(rec.len()).unwrap().to_be_bytes().to_vec();
+                framed.extend_from_slice(rec);
+                stream.write_all(&framed).unwrap();
+            }
+        }
+    }
+
+    /// Waits up to `wait` for the first byte or datagram.
+    fn wait_readable(&self, wait: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+
+    /// Hands every record available now to `f` (at most `max`), without waiting.
+    fn recv_records(&mut self, max: usize, mut f: impl FnMut(&mut [u8])) -> usize {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let mut n_rec = 0;
+        match self {
+            Link::Udp(s) => {
+                let mut buf = vec![0u8; MAX_RECORD_LEN];
+                while n_rec < max {
+                    match recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                        Ok(n) => {
+                            f(&mut buf[..n]);
+                            n_rec += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            Link::Tcp { stream, buf, have } => loop {
+                // Whole records first.
+                let mut start = 0;
+                while *have - start >= 2 {
+                    let len = usize::from(u16::from_be_bytes([buf[start], buf[start + 1]]));
+                    if *have - start < 2 + len {
+                        break;
+                    }
+                    f(&mut buf[start + 2..start + 2 + len]);
+                    n_rec += 1;
+                    start += 2 + len;
+                }
+                buf.copy_within(start..*have, 0);
+                *have -= start;
+                if n_rec >= max {
+                    break;
+                }
+                match recv(
+                    stream.as_raw_fd(),
+                    &mut buf[*have..],
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(0) => panic!("the gateway closed the TCP transport"),
+                    Ok(n) => *have += n,
+                    Err(_) => break,
+                }
+            },
+        }
+        n_rec
+    }
+
+    /// The next record, waiting up to 10 s (handshake).
+    fn recv_one(&mut self) -> Vec<u8> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut got = None;
+            self.recv_records(1, |r| got = Some(r.to_vec()));
+            if let Some(r) = got {
+                return r;
+            }
+            assert!(Instant::now() < end, "no record from the gateway");
+            self.wait_readable(Duration::from_millis(100));
+        }
+    }
+}
+
 /// The laptop: a VSHP session over UDP and a smoltcp stack on the leased address.
 struct Laptop {
-    sock: UdpSocket,
+    link: Link,
     session: Session,
     start: Instant,
     lease: Lease,
@@ -290,7 +425,6 @@ struct Laptop {
     sockets: SocketSet<'static>,
     dev: Dev,
     next_port: u16,
-    rbuf: Vec<u8>,
     records_in: u64,
 }
 
@@ -298,13 +432,8 @@ struct Laptop {
 const RECORD_PLAIN: usize = 1420;
 
 impl Laptop {
-    /// IK handshake with the invite's key, then waits for CONFIG (the lease).
-    fn connect(gateway: SocketAddr, gateway_key: [u8; 32], me: &StaticKeypair) -> Self {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        sock.connect(gateway).unwrap();
-        set_rcvbuf(&sock);
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+    /// IK handshake with the invite's key over `link`, then waits for CONFIG (the lease).
+    fn connect(mut link: Link, gateway_key: [u8; 32], me: &StaticKeypair) -> Self {
         let mut init = Initiator::new(
             me.clone(),
             Some(gateway_key),
@@ -319,21 +448,20 @@ impl Laptop {
         let p = w.finish().to_vec();
         let mut wire = vec![0u8; MAX_RECORD_LEN];
         let n = init.write_init(&p, &mut wire).unwrap();
-        sock.send(&wire[..n]).unwrap();
-        let mut buf = vec![0u8; MAX_RECORD_LEN];
-        let n = sock.recv(&mut buf).unwrap();
-        if let Ok(Record::Error(e)) = record::decode(&buf[..n]) {
+        link.send(&wire[..n]);
+        let resp = link.recv_one();
+        if let Ok(Record::Error(e)) = record::decode(&resp) {
             panic!("the gateway refused the handshake: {:?}", e.reason);
         }
         let mut out = vec![0u8; MAX_RECORD_LEN];
-        init.read_response(&buf[..n], &mut out).unwrap();
+        init.read_response(&resp, &mut out).unwrap();
         assert_eq!(init.next(), Next::Established, "IK needs two messages");
         let est = init.into_established().unwrap();
         let start = Instant::now();
-        let mut session = Session::new(&est, TransportMode::Datagram, Duration::ZERO).unwrap();
+        let mut session = Session::new(&est, link.mode(), Duration::ZERO).unwrap();
         let lease = loop {
-            let n = sock.recv(&mut buf).unwrap();
-            let Ok(plain) = session.open_in_place(&mut buf[..n], start.elapsed()) else {
+            let mut rec = link.recv_one();
+            let Ok(plain) = session.open_in_place(&mut rec, start.elapsed()) else {
                 continue;
             };
             let mut lease = None;
@@ -348,7 +476,6 @@ impl Laptop {
                 break l;
             }
         };
-        sock.set_nonblocking(true).unwrap();
         let mut dev = Dev {
             mtu: usize::from(lease.mtu),
             ..Dev::default()
@@ -390,7 +517,7 @@ impl Laptop {
             }
         }
         Self {
-            sock,
+            link,
             session,
             start,
             lease,
@@ -398,7 +525,6 @@ impl Laptop {
             sockets: SocketSet::new(Vec::new()),
             dev,
             next_port: 40_000,
-            rbuf: vec![0u8; MAX_RECORD_LEN],
             records_in: 0,
         }
     }
@@ -448,42 +574,40 @@ impl Laptop {
                 .session
                 .seal(&plain[..n], &mut rec, self.start.elapsed())
                 .unwrap();
-            // A full socket buffer drops the datagram, as a LAN would.
-            let _ = self.sock.send(&rec[..len]);
+            self.link.send(&rec[..len]);
             i += taken;
         }
     }
 
     fn receive(&mut self, wait: Duration) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
         if self.dev.tx.is_empty() && !wait.is_zero() {
-            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-            let _ = poll(&mut fds, PollTimeout::from(ms));
+            self.link.wait_readable(wait.max(Duration::from_millis(1)));
         }
-        for _ in 0..256 {
-            let n = match self.sock.recv(&mut self.rbuf) {
-                Ok(n) => n,
-                Err(_) => break,
+        let Self {
+            link,
+            session,
+            start,
+            dev,
+            records_in,
+            ..
+        } = self;
+        link.recv_records(256, |rec| {
+            let Ok(plain) = session.open_in_place(rec, start.elapsed()) else {
+                return;
             };
-            let now = self.start.elapsed();
-            let Ok(plain) = self.session.open_in_place(&mut self.rbuf[..n], now) else {
-                continue;
-            };
-            self.records_in += 1;
+            *records_in += 1;
             for m in MessageReader::new(plain) {
                 match m {
                     Ok(Message::IpPacket(batch)) => {
                         for p in batch.iter() {
-                            self.dev.rx.push_back(p.to_vec());
+                            dev.rx.push_back(p.to_vec());
                         }
                     }
                     Ok(Message::Error { reason, .. }) => eprintln!("gateway ERROR: {reason:?}"),
                     _ => {}
                 }
             }
-        }
+        });
     }
 
     /// Steps until `done` holds or `secs` pass; returns whether it held.
@@ -709,7 +833,7 @@ fn laptop_reaches_the_internet_through_the_gateway_and_its_vpn() {
     let report = tb
         .in_ns(Node::Laptop, || {
             let mut report = Vec::<String>::new();
-            let mut laptop = Laptop::connect(gateway_addr, gw.invite.key, &me);
+            let mut laptop = Laptop::connect(Link::udp(gateway_addr), gw.invite.key, &me);
             report.push(format!(
                 "lease {} mtu {}",
                 laptop.lease.ipv4.addr, laptop.lease.mtu
@@ -913,6 +1037,61 @@ fn a_worker_that_breaks_its_sandbox_dies_by_sigsys_and_the_broker_logs_it() {
     let audit = std::fs::read_to_string(dir.join("audit.log")).unwrap();
     assert!(audit.contains("\"sandbox_violation\""), "{audit}");
     assert!(audit.contains("SIGSYS"), "{audit}");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn laptop_over_the_tcp_transport_downloads_and_resolves() {
+    const MB: usize = 10;
+    let Some((tb, bins)) = testbed_or_skip(MB) else {
+        return;
+    };
+    let dir = temp_dir("tcp");
+    let me = StaticKeypair::generate().unwrap();
+    let d = dir.to_str().unwrap();
+    vpnshare(
+        &bins,
+        &[
+            "peers",
+            "--state-dir",
+            d,
+            "add",
+            &hex::encode(me.public_key()),
+        ],
+    );
+    let gw = Gateway::start(&tb, &bins, &dir, &[]);
+    let gateway_addr = SocketAddr::new(gw.invite.host.parse().unwrap(), gw.invite.port);
+    wait_status(&gw, "the VPN to be detected", 20, |s| {
+        s["sharing_available"] == true
+    });
+    let took = tb
+        .in_ns(Node::Laptop, || {
+            let mut laptop = Laptop::connect(Link::tcp(gateway_addr), gw.invite.key, &me);
+            let t0 = Instant::now();
+            let (status, len, sha) = laptop.http_get(tb.http_addr(), "/file", 300);
+            let took = t0.elapsed();
+            assert!(status.contains("200"), "{status}");
+            assert_eq!(len, tb.file_len());
+            assert_eq!(sha, tb.file_sha256());
+            let q = dns_query(0x7777, "echo.vpnshare.test");
+            let dns = SocketAddr::new(laptop.lease.dns[0], 53);
+            let r = laptop.udp_request(dns, &q, 10).expect("no DNS answer");
+            let (id, rcode, addrs) = dns_a_records(&r, q.len());
+            assert_eq!((id, rcode), (0x7777, 0));
+            assert_eq!(addrs, vec![Ipv4Addr::new(198, 18, 0, 10)]);
+            let e = laptop
+                .udp_request(tb.udp_echo_addr(), b"over tcp", 10)
+                .expect("no UDP echo");
+            assert_eq!(e, b"over tcp");
+            took
+        })
+        .unwrap();
+    eprintln!(
+        "e2e: TCP transport: download {} bytes in {:.1} s (debug build)",
+        tb.file_len(),
+        took.as_secs_f64()
+    );
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
