@@ -473,6 +473,18 @@ pub static CLIENT_HELPER: &[Syscall] = &[
     #[cfg(target_arch = "x86_64")]
     sys!(SYS_unlink, "remove the journal after a clean restore"),
     sys!(SYS_unlinkat, "remove the journal after a clean restore"),
+    #[cfg(target_arch = "x86_64")]
+    sys!(SYS_readlink, "save /etc/resolv.conf when it is a symlink"),
+    sys!(SYS_readlinkat, "save /etc/resolv.conf when it is a symlink"),
+    #[cfg(target_arch = "x86_64")]
+    sys!(
+        SYS_symlink,
+        "restore /etc/resolv.conf as the symlink it was"
+    ),
+    sys!(
+        SYS_symlinkat,
+        "restore /etc/resolv.conf as the symlink it was"
+    ),
     sys!(SYS_getuid, "compare the caller's SO_PEERCRED uid"),
     sys!(SYS_geteuid, "compare the caller's SO_PEERCRED uid"),
 ];
