@@ -815,3 +815,53 @@ fn a_worker_that_stops_reading_does_not_stall_the_others() {
     }
     assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
 }
+
+#[test]
+fn a_worker_that_sends_beyond_its_credit_loses_its_lease() {
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let lease = lease(30);
+    let (worker_end, netstack_end) = UnixStream::pair().unwrap();
+    p.broker
+        .send(
+            &BrokerToNetstack::LeaseAdded {
+                lease: lease.clone(),
+            },
+            &[netstack_end.as_fd()],
+        )
+        .unwrap();
+    drop(netstack_end);
+    worker_end
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut raw = worker_end.try_clone().unwrap();
+    let mut ch = Channel::<data::WorkerEnd>::open(worker_end).unwrap();
+    // The netstack's initial grant.
+    let mut rx = PacketBatch::new(lease.id);
+    let granted = match ch.recv_data(&mut rx).unwrap() {
+        DataEvent::Credit(c) => c,
+        other => panic!("expected the initial credit, got {other:?}"),
+    };
+    // Full batches of tiny packets, all written at once: together they exceed the
+    // packet credit before the netstack could grant anything back.
+    let mut batch = PacketBatch::new(lease.id);
+    for _ in 0..ipc_schema::limits::MAX_BATCH_PACKETS {
+        batch.push(&[0x45; 20]).unwrap();
+    }
+    let body = ipc_schema::codec::to_vec(&data::DataMsg::Packets(batch)).unwrap();
+    let header = ipc_schema::frame::encode_header(body.len(), ipc_schema::SCHEMA_VERSION).unwrap();
+    let frames = granted.packets as usize / ipc_schema::limits::MAX_BATCH_PACKETS + 1;
+    let mut wire = Vec::new();
+    for _ in 0..frames {
+        wire.extend_from_slice(&header);
+        wire.extend_from_slice(&body);
+    }
+    raw.write_all(&wire).unwrap();
+    match recv_broker(&mut p) {
+        NetstackToBroker::LeaseDropped { lease: l, .. } => assert_eq!(l, lease.id),
+        other => panic!("expected LeaseDropped, got {other:?}"),
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
+}
