@@ -691,7 +691,7 @@ pub enum DataError {
     Malformed(#[from] ipc_schema::DecodeError),
     #[error("descriptors arrived on the data path, which carries none")]
     UnexpectedFds,
-    #[error("the worker sent {packets} packets / {bytes} bytes beyond the credit it holds")]
+    #[error("a batch of {packets} packets / {bytes} bytes exceeds the credit the worker holds")]
     OverCredit { packets: usize, bytes: usize },
     #[error("encoding failed: {0}")]
     Encode(String),
