@@ -346,3 +346,37 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
     }
     Ok(())
 }
+
+pub fn connect(
+    uri: String,
+    state_dir: Option<PathBuf>,
+    transport: &str,
+    user: Option<String>,
+    helper_socket: Option<PathBuf>,
+    name: Option<String>,
+) -> CmdResult {
+    let transport = match transport {
+        "udp" => client::TransportKind::Udp,
+        "tcp" => client::TransportKind::Tcp,
+        other => return Err(format!("--transport {other:?}: expected udp or tcp")),
+    };
+    let state_dir = resolve_state_dir(state_dir)?;
+    init_logging();
+    let device_name = name
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "linux".to_owned());
+    client::connect(client::ConnectOptions {
+        uri,
+        state_dir,
+        transport,
+        user,
+        helper_socket,
+        device_name,
+    })
+    .map_err(|e| e.to_string())
+}

@@ -1,7 +1,13 @@
 //! `vpnshare demo`.
 //!
-//! Until the gateway and the client exist as processes (issues #4 and #5), the demo
-//! runs the VSHP protocol core in one process and says so: a first-contact XX handshake
+//! As root, with the workspace's binaries built, `vpnshare demo` executes
+//! `vpnshare-demo` (the `demo` crate, next to this executable): the testbed's network
+//! namespaces, a real WireGuard VPN, the real `vpnshare gateway` in `phone` and the real
+//! `vpnshare connect` in `laptop`. The testbed (boringtun) is never linked into
+//! `vpnshare` itself.
+//!
+//! `vpnshare demo --protocol-only` (and the fallback when root or a binary is missing)
+//! runs the VSHP protocol core in one process: a first-contact XX handshake
 //! with the pairing code both sides show, a lease in CONFIG, IP packets in batches over
 //! an in-memory datagram link that drops, duplicates and reorders, a resume with a
 //! ticket over IK, and the typed refusals of a replayed ticket and a future version.
@@ -25,10 +31,58 @@ fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-pub fn run() -> DemoResult<()> {
+/// The binaries the full demo runs, all next to `vpnshare`.
+const DEMO_BINARIES: [&str; 4] = [
+    "vpnshare-demo",
+    "vpnshare-helper",
+    "vpnshare-worker",
+    "vpnshare-netstack",
+];
+
+/// `vpnshare demo`: the full demo when it can run, else what is missing and the
+/// protocol-only walk.
+pub fn run(protocol_only: bool) -> DemoResult<()> {
+    if protocol_only {
+        return protocol_walk();
+    }
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root (network namespaces, a TUN device): run it with sudo".to_owned());
+    }
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    for b in DEMO_BINARIES {
+        if !dir.join(b).is_file() {
+            missing.push(format!(
+                "{} (build it with cargo build --release)",
+                dir.join(b).display()
+            ));
+        }
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun".to_owned());
+    }
+    if missing.is_empty() {
+        use std::os::unix::process::CommandExt;
+        let e = std::process::Command::new(dir.join("vpnshare-demo")).exec();
+        return Err(format!(
+            "cannot run {}: {e}",
+            dir.join("vpnshare-demo").display()
+        ));
+    }
+    eprintln!(
+        "vpnshare: the full demo needs {}; running the protocol-only demo instead",
+        missing.join(", ")
+    );
+    protocol_walk()
+}
+
+fn protocol_walk() -> DemoResult<()> {
     println!("VPN Share demo — the VSHP protocol core, in one process.");
     println!(
-        "(The namespace demo with the real gateway, client and VPN arrives with issues #4 and #5.)\n"
+        "(As root, with the workspace built, `vpnshare demo` runs the real gateway and client in network namespaces.)\n"
     );
 
     let gateway_id = StaticKeypair::generate().map_err(|e| err("gateway key")(&e))?;

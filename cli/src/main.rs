@@ -58,6 +58,18 @@ enum Command {
         uri: String,
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// `udp` (default) or `tcp`.
+        #[arg(long, default_value = "udp")]
+        transport: String,
+        /// As root: the user the session runs as (default nobody, uid 65534).
+        #[arg(long)]
+        user: Option<String>,
+        /// Not root: the installed helper's socket (default /run/vpnshare-helper.sock).
+        #[arg(long)]
+        helper_socket: Option<PathBuf>,
+        /// The device name shown to the gateway (default: this host's name).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Show the running gateway's peers, counters and sandbox state.
     Status {
@@ -66,14 +78,19 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Run a self-contained demonstration and print what happened.
-    Demo,
+    /// Run the demonstration (as root: namespaces, the real gateway and client, a real
+    /// VPN) and print what happened.
+    Demo {
+        /// Only walk through the protocol core in one process (no root needed).
+        #[arg(long)]
+        protocol_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo => demo::run(),
+        Command::Demo { protocol_only } => demo::run(protocol_only),
         Command::Gateway {
             listen,
             state_dir,
@@ -83,10 +100,14 @@ fn main() -> ExitCode {
         Command::Peers { state_dir, args } => commands::peers(state_dir, &args),
         Command::Pairing { state_dir, args } => commands::pairing(state_dir, &args),
         Command::Status { json, state_dir } => commands::status(state_dir, json),
-        Command::Connect { .. } => Err(
-            "this command arrives with the client (issue #5); today only `vpnshare demo` runs"
-                .to_string(),
-        ),
+        Command::Connect {
+            uri,
+            state_dir,
+            transport,
+            user,
+            helper_socket,
+            name,
+        } => commands::connect(uri, state_dir, &transport, user, helper_socket, name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,749 @@
+//! The driver of `vpnshare connect`: one thread, one `poll` loop around [`ClientCore`].
+//!
+//! Order of start-up (docs/security.md, caller obligations): identity and invite, name
+//! resolution, signal handlers, the helper (started here when running as root, then
+//! privileges dropped to `nobody` or `--user`), the transport socket, then
+//! `confine(ClientSession)`. The gateway's first byte is read only after that. The TUN
+//! descriptor arrives later over the helper channel (`recvmsg` is allowed) and is used
+//! with plain `read`/`write`: no TUN ioctl is needed in the session.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use vshp::lease::Lease;
+use vshp::record::MAX_RECORD_LEN;
+use vshp::transport::TransportMode;
+use vshp::{ErrorReason, PairingCode, StreamDecoder};
+
+use crate::ConnectError;
+use crate::core::{ClientCore, Event, Timer};
+use crate::helper::{self, Helper};
+
+/// The transport to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Udp,
+    Tcp,
+}
+
+/// What `vpnshare connect` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub uri: String,
+    pub state_dir: PathBuf,
+    pub transport: TransportKind,
+    /// The user to run the session as when started as root (default `nobody`).
+    pub user: Option<String>,
+    /// The installed helper's socket (when not started as root).
+    pub helper_socket: Option<PathBuf>,
+    /// The device name sent in AUTH.
+    pub device_name: String,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signals() -> Result<(), ConnectError> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    // No SA_RESTART: a signal interrupts poll() at once.
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.map_err(|e| ConnectError::Io {
+            what: "cannot install the signal handlers",
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Brings the tunnel up and keeps it up until SIGINT/SIGTERM or a fatal refusal.
+pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
+    let invite = broker::invite::Invite::parse(&opts.uri)
+        .map_err(|e| ConnectError::Invite(e.to_string()))?;
+    let keypair = broker::identity::load_or_create(&opts.state_dir)
+        .map_err(|e| ConnectError::Identity(e.to_string()))?;
+    let addr = (invite.host.as_str(), invite.port)
+        .to_socket_addrs()
+        .map_err(|e| ConnectError::Resolve {
+            host: invite.host.clone(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::Resolve {
+            host: invite.host.clone(),
+            reason: "no address".into(),
+        })?;
+    install_signals()?;
+
+    let mut helper = if nix::unistd::geteuid().is_root() {
+        let (uid, gid) = target_user(opts.user.as_deref())?;
+        let spawned = helper::spawn_helper(uid, gid, &opts.state_dir.join("helper.journal"))?;
+        helper::drop_privileges(uid, gid)?;
+        let h = Helper::connect(&spawned.socket)?;
+        let _ = std::fs::remove_dir_all(&spawned.dir);
+        tracing::info!(
+            pid = spawned.child.id(),
+            uid,
+            "started vpnshare-helper; session runs as uid {uid}"
+        );
+        h
+    } else {
+        let path = opts
+            .helper_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(helper::DEFAULT_HELPER_SOCKET));
+        Helper::connect(&path)?
+    };
+
+    let mode = match opts.transport {
+        TransportKind::Udp => TransportMode::Datagram,
+        TransportKind::Tcp => TransportMode::Stream,
+    };
+    let transport = Transport::open(opts.transport, addr)
+        .map_err(|e| ConnectError::Unreachable(format!("{addr}: {e}")))?;
+
+    let keep = vec![helper.as_fd().as_raw_fd(), transport.fd().as_raw_fd()];
+    security::confine(
+        security::Role::ClientSession,
+        &security::ConfineOptions {
+            keep_fds: keep,
+            keep_stdio: true,
+            threads: security::Threads::Forbidden,
+            ..security::ConfineOptions::default()
+        },
+    )?;
+    tracing::info!("session confined (seccomp, no capabilities, no_new_privs)");
+
+    let core = ClientCore::new(keypair, invite.key, &opts.device_name, mode);
+    let mut run = Run::new(core, opts.transport, addr, transport);
+    let result = run.run(&mut helper);
+    if result.is_err() {
+        // Whatever went wrong, put the machine back the way it was.
+        let _ = helper.tear_down();
+    }
+    result
+}
+
+fn target_user(name: Option<&str>) -> Result<(u32, u32), ConnectError> {
+    match name {
+        None => Ok((65534, 65534)),
+        Some(n) => {
+            let user = nix::unistd::User::from_name(n)
+                .map_err(|e| ConnectError::Privileges(format!("looking up user {n}: {e}")))?
+                .ok_or_else(|| ConnectError::Privileges(format!("no user named {n}")))?;
+            if user.uid.is_root() {
+                return Err(ConnectError::Privileges(
+                    "--user must not be root: the session runs unprivileged".into(),
+                ));
+            }
+            Ok((user.uid.as_raw(), user.gid.as_raw()))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- transport
+
+#[derive(Debug)]
+enum Transport {
+    Udp(UdpSocket),
+    Tcp {
+        stream: TcpStream,
+        decoder: Box<StreamDecoder>,
+    },
+}
+
+impl Transport {
+    fn open(kind: TransportKind, addr: SocketAddr) -> std::io::Result<Self> {
+        match kind {
+            TransportKind::Udp => {
+                let local: SocketAddr = if addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = UdpSocket::bind(local)?;
+                s.connect(addr)?;
+                s.set_nonblocking(true)?;
+                Ok(Transport::Udp(s))
+            }
+            TransportKind::Tcp => {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nodelay(true)?;
+                s.set_nonblocking(true)?;
+                Ok(Transport::Tcp {
+                    stream: s,
+                    decoder: Box::default(),
+                })
+            }
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Transport::Udp(s) => s.as_fd(),
+            Transport::Tcp { stream, .. } => stream.as_fd(),
+        }
+    }
+
+    /// Sends one record. A datagram that does not fit the socket buffer is dropped (as
+    /// the network would); a stream waits for room (bounded).
+    fn send(&mut self, rec: &[u8]) -> std::io::Result<()> {
+        match self {
+            Transport::Udp(s) => match s.send(rec) {
+                Ok(_) => Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Transport::Tcp { stream, .. } => {
+                let len = u16::try_from(rec.len())
+                    .map_err(|_| std::io::Error::other("record too long"))?;
+                write_all_nb(stream, &len.to_be_bytes())?;
+                write_all_nb(stream, rec)
+            }
+        }
+    }
+
+    /// Reads what is there: each complete record goes to `f`. `Ok(false)`: the
+    /// connection ended.
+    fn receive(&mut self, buf: &mut [u8], f: &mut dyn FnMut(&mut [u8])) -> std::io::Result<bool> {
+        match self {
+            Transport::Udp(s) => {
+                for _ in 0..64 {
+                    match s.recv(buf) {
+                        Ok(n) => {
+                            if let Some(r) = buf.get_mut(..n) {
+                                f(r);
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                            return Err(e);
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(true)
+            }
+            Transport::Tcp { stream, decoder } => {
+                for _ in 0..64 {
+                    let spare = decoder.spare();
+                    match stream.read(spare) {
+                        Ok(0) => return Ok(false),
+                        Ok(n) => decoder.commit(n),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                    loop {
+                        match decoder.next_record() {
+                            Ok(Some(r)) => {
+                                let n = r.len();
+                                if let Some(dst) = buf.get_mut(..n) {
+                                    dst.copy_from_slice(r);
+                                    f(dst);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Err(std::io::Error::other(e.to_string())),
+                        }
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+fn write_all_nb(stream: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.is_empty() {
+        match stream.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(ErrorKind::TimedOut.into());
+                }
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the loop
+
+/// The TUN the helper opened, and the buffer packets are read into.
+#[derive(Debug)]
+struct Tun {
+    fd: OwnedFd,
+    name: String,
+    buf: Vec<u8>,
+    slot: usize,
+}
+
+/// Packets read from the TUN per batch.
+const TUN_BATCH: usize = 64;
+/// Attempts without any answer before a first connection is given up.
+const FIRST_ATTEMPTS: u32 = 3;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the records of one read told the loop.
+#[derive(Debug, Default)]
+struct Seen {
+    established: Option<PairingCode>,
+    config: Option<Lease>,
+    refused: Option<(ErrorReason, String)>,
+    advisory: Option<ErrorReason>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Run {
+    core: ClientCore,
+    kind: TransportKind,
+    addr: SocketAddr,
+    transport: Option<Transport>,
+    tun: Option<Tun>,
+    lease: Option<Lease>,
+    start: Instant,
+    rx: Vec<u8>,
+    tx: Vec<u8>,
+    code: Option<PairingCode>,
+    ever_configured: bool,
+    waiting_approval: bool,
+    failed_attempts: u32,
+    backoff: Duration,
+    next_attempt: Option<Duration>,
+    tun_write_errors: u64,
+}
+
+impl Run {
+    fn new(core: ClientCore, kind: TransportKind, addr: SocketAddr, t: Transport) -> Self {
+        Self {
+            core,
+            kind,
+            addr,
+            transport: Some(t),
+            tun: None,
+            lease: None,
+            start: Instant::now(),
+            rx: vec![0u8; MAX_RECORD_LEN + 2],
+            tx: vec![0u8; MAX_RECORD_LEN],
+            code: None,
+            ever_configured: false,
+            waiting_approval: false,
+            failed_attempts: 0,
+            backoff: Duration::from_secs(1),
+            next_attempt: None,
+            tun_write_errors: 0,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn transport_name(&self) -> &'static str {
+        match self.kind {
+            TransportKind::Udp => "UDP",
+            TransportKind::Tcp => "TCP",
+        }
+    }
+
+    fn run(&mut self, helper: &mut Helper) -> Result<(), ConnectError> {
+        self.start_handshake()?;
+        loop {
+            if STOP.load(Ordering::SeqCst) {
+                return self.shutdown(helper);
+            }
+            let now = self.now();
+            if self.next_attempt.is_some_and(|t| now >= t) {
+                self.next_attempt = None;
+                self.start_handshake()?;
+            }
+            let (t_ready, tun_ready, helper_ready) = self.wait(helper)?;
+            if helper_ready {
+                return Err(ConnectError::HelperFailed(
+                    "the helper closed its channel (it restores routes and DNS when it does)"
+                        .into(),
+                ));
+            }
+            if t_ready {
+                self.read_transport(helper)?;
+            }
+            if tun_ready {
+                self.read_tun()?;
+            }
+            self.timers()?;
+        }
+    }
+
+    /// Polls the transport, the TUN and the helper channel for up to 200 ms.
+    fn wait(&self, helper: &Helper) -> Result<(bool, bool, bool), ConnectError> {
+        let mut fds = Vec::with_capacity(3);
+        fds.push(PollFd::new(helper.as_fd(), PollFlags::POLLIN));
+        let t_idx = self.transport.as_ref().map(|t| {
+            fds.push(PollFd::new(t.fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let tun_idx = match &self.tun {
+            Some(tun) if self.core.is_established() => {
+                fds.push(PollFd::new(tun.fd.as_fd(), PollFlags::POLLIN));
+                Some(fds.len() - 1)
+            }
+            _ => None,
+        };
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok((false, false, false)),
+            Err(e) => {
+                return Err(ConnectError::Io {
+                    what: "poll",
+                    source: e.into(),
+                });
+            }
+        }
+        let ready = |i: Option<usize>| {
+            i.and_then(|i| fds.get(i))
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        Ok((ready(t_idx), ready(tun_idx), ready(Some(0))))
+    }
+
+    fn send(&mut self, len: usize) {
+        let Some(t) = self.transport.as_mut() else {
+            return;
+        };
+        if let Some(rec) = self.tx.get(..len) {
+            if let Err(e) = t.send(rec) {
+                tracing::debug!("send to the gateway failed: {e}");
+            }
+        }
+    }
+
+    fn start_handshake(&mut self) -> Result<(), ConnectError> {
+        if self.transport.is_none() {
+            match Transport::open(self.kind, self.addr) {
+                Ok(t) => self.transport = Some(t),
+                Err(e) => return self.attempt_failed(&e.to_string()),
+            }
+        }
+        let now = self.now();
+        let n = self.core.begin_handshake(now, &mut self.tx)?;
+        self.send(n);
+        Ok(())
+    }
+
+    /// A handshake got no answer (or the transport failed before one).
+    fn attempt_failed(&mut self, why: &str) -> Result<(), ConnectError> {
+        self.failed_attempts += 1;
+        if !self.ever_configured && self.failed_attempts >= FIRST_ATTEMPTS {
+            return Err(ConnectError::Unreachable(format!(
+                "no answer from {} over {} after {} attempts ({why})",
+                self.addr,
+                self.transport_name(),
+                self.failed_attempts
+            )));
+        }
+        self.schedule_reconnect(why);
+        Ok(())
+    }
+
+    fn schedule_reconnect(&mut self, why: &str) {
+        self.core.reset();
+        if self.kind == TransportKind::Tcp {
+            self.transport = None;
+        }
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.next_attempt = Some(self.now() + delay);
+        println!(
+            "connection interrupted ({why}); retrying in {} s",
+            delay.as_secs()
+        );
+        tracing::info!("reconnecting in {delay:?}: {why}");
+    }
+
+    fn read_transport(&mut self, helper: &mut Helper) -> Result<(), ConnectError> {
+        let now = self.now();
+        let mut seen = Seen::default();
+        let Some(transport) = self.transport.as_mut() else {
+            return Ok(());
+        };
+        let core = &mut self.core;
+        let tun = &self.tun;
+        let tun_write_errors = &mut self.tun_write_errors;
+        let mut core_err = None;
+        let r = transport.receive(&mut self.rx, &mut |rec| {
+            let res = core.handle_record(rec, now, &mut |ev| match ev {
+                Event::Established { code } => seen.established = Some(code),
+                Event::Config(lease) => seen.config = Some(lease),
+                Event::Packet(p) => {
+                    if let Some(tun) = tun {
+                        if nix::unistd::write(&tun.fd, p).is_err() {
+                            *tun_write_errors += 1;
+                        }
+                    }
+                }
+                Event::Refused { reason, detail } => {
+                    seen.refused = Some((reason, detail.to_owned()));
+                }
+                Event::Advisory(r) => seen.advisory = Some(r),
+                Event::Closed(_) => seen.closed = true,
+                Event::Pong { .. } => {}
+            });
+            if let Err(e) = res {
+                core_err = Some(e);
+            }
+        });
+        if let Some(e) = core_err {
+            return Err(e.into());
+        }
+        let transport_gone = match r {
+            Ok(true) => None,
+            Ok(false) => Some("the gateway closed the connection".to_owned()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(n) = self.core.take_pong(now, &mut self.tx)? {
+            self.send(n);
+        }
+        self.after_records(seen, helper)?;
+        if let Some(why) = transport_gone {
+            if self.ever_configured || self.core.is_established() {
+                self.schedule_reconnect(&why);
+            } else {
+                self.attempt_failed(&why)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn after_records(&mut self, seen: Seen, helper: &mut Helper) -> Result<(), ConnectError> {
+        if let Some(code) = seen.established {
+            self.code = Some(code);
+            self.failed_attempts = 0;
+            self.backoff = Duration::from_secs(1);
+            tracing::info!(%code, "handshake complete");
+        }
+        if let Some(reason) = seen.advisory {
+            match reason {
+                ErrorReason::UnsupportedVersion => {
+                    return Err(ConnectError::Refused(reason.describe().into()));
+                }
+                _ => self.attempt_failed(reason.describe())?,
+            }
+        }
+        if let Some((reason, detail)) = seen.refused {
+            let detail = if detail.is_empty() {
+                reason.describe().to_owned()
+            } else {
+                detail
+            };
+            match reason {
+                ErrorReason::PendingApproval => {
+                    if !self.waiting_approval {
+                        self.waiting_approval = true;
+                        let code = self
+                            .code
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "?".into());
+                        println!(
+                            "Compare this code with the gateway: {code} — waiting for approval"
+                        );
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+                ErrorReason::NotApproved => return Err(ConnectError::NotApproved(detail)),
+                ErrorReason::Revoked => return Err(ConnectError::Revoked),
+                ErrorReason::VpnUnavailable => return Err(ConnectError::VpnUnavailable),
+                ErrorReason::Overloaded => self.schedule_reconnect("the gateway is overloaded"),
+                _ => return Err(ConnectError::Refused(detail)),
+            }
+        }
+        if let Some(lease) = seen.config {
+            self.apply_lease(lease, helper)?;
+        }
+        if seen.closed {
+            self.schedule_reconnect("the gateway closed the session");
+        }
+        Ok(())
+    }
+
+    fn apply_lease(&mut self, lease: Lease, helper: &mut Helper) -> Result<(), ConnectError> {
+        self.waiting_approval = false;
+        if self.tun.is_some() && self.lease.as_ref() == Some(&lease) {
+            println!(
+                "reconnected: same lease {}/{}",
+                lease.ipv4.addr, lease.ipv4.len
+            );
+            let _ = std::io::stdout().flush();
+            return Ok(());
+        }
+        if self.tun.take().is_some() {
+            tracing::info!("the lease changed: a new TUN");
+            helper.tear_down()?;
+        }
+        let (fd, name) = helper.open_tun(&lease)?;
+        set_nonblocking(&fd)?;
+        helper.configure(&lease, self.addr.ip())?;
+        let slot = usize::from(lease.mtu) + 64;
+        let v6 = lease
+            .ipv6
+            .map(|p| format!(", {}/{}", p.addr, p.len))
+            .unwrap_or_default();
+        let dns: Vec<String> = lease.dns.iter().map(IpAddr::to_string).collect();
+        println!(
+            "tunnel up: {}/{}{v6} on {name}, MTU {}, DNS {}, lease {}, via gateway {} over {} (pairing code {})",
+            lease.ipv4.addr,
+            lease.ipv4.len,
+            lease.mtu,
+            dns.join(" "),
+            lease.id.0,
+            self.addr,
+            self.transport_name(),
+            self.code.map(|c| c.to_string()).unwrap_or_default(),
+        );
+        let _ = std::io::stdout().flush();
+        self.tun = Some(Tun {
+            fd,
+            name,
+            buf: vec![0u8; slot * TUN_BATCH],
+            slot,
+        });
+        self.lease = Some(lease);
+        self.ever_configured = true;
+        Ok(())
+    }
+
+    fn read_tun(&mut self) -> Result<(), ConnectError> {
+        let now = self.now();
+        let Some(tun) = self.tun.as_mut() else {
+            return Ok(());
+        };
+        let mut lens = [0usize; TUN_BATCH];
+        let mut count = 0;
+        for (i, chunk) in tun.buf.chunks_mut(tun.slot).enumerate().take(TUN_BATCH) {
+            match nix::unistd::read(&tun.fd, chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(l) = lens.get_mut(i) {
+                        *l = n;
+                    }
+                    count += 1;
+                }
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
+                Err(e) => {
+                    return Err(ConnectError::Io {
+                        what: "reading the TUN",
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+        if count == 0 || !self.core.is_established() {
+            return Ok(());
+        }
+        let packets: Vec<&[u8]> = tun
+            .buf
+            .chunks(tun.slot)
+            .zip(lens.iter())
+            .take(count)
+            .filter_map(|(c, &n)| c.get(..n))
+            .collect();
+        let mut at = 0;
+        while at < packets.len() {
+            let rest = packets.get(at..).unwrap_or_default();
+            let (len, took) = self.core.seal_packets(rest, now, &mut self.tx)?;
+            if len > 0 {
+                if let (Some(t), Some(rec)) = (self.transport.as_mut(), self.tx.get(..len)) {
+                    if let Err(e) = t.send(rec) {
+                        tracing::debug!("send to the gateway failed: {e}");
+                    }
+                }
+            }
+            if took == 0 {
+                break;
+            }
+            at += took;
+        }
+        Ok(())
+    }
+
+    fn timers(&mut self) -> Result<(), ConnectError> {
+        let now = self.now();
+        match self.core.poll(now, &mut self.tx)? {
+            Timer::Idle => {}
+            Timer::Send(n) => self.send(n),
+            Timer::HandshakeTimedOut => self.attempt_failed("no answer to the handshake")?,
+            Timer::Dead => {
+                if self.waiting_approval {
+                    self.core.mark_alive(now);
+                } else {
+                    self.schedule_reconnect("no answer from the gateway for 30 s");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self, helper: &mut Helper) -> Result<(), ConnectError> {
+        let now = self.now();
+        if self.core.is_established() {
+            if let Ok(n) = self.core.close(now, &mut self.tx) {
+                self.send(n);
+            }
+        }
+        if let Some(tun) = self.tun.take() {
+            tracing::info!(ifname = %tun.name, "closing the TUN");
+        }
+        helper.tear_down()?;
+        let c = self.core.counters();
+        println!(
+            "tunnel down: routes and DNS restored ({} packets sent, {} received)",
+            c.tx_packets, c.rx_packets
+        );
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), ConnectError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let io = |e: nix::Error| ConnectError::Io {
+        what: "cannot make the TUN non-blocking",
+        source: e.into(),
+    };
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io)?;
+    fcntl(
+        fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(io)?;
+    Ok(())
+}

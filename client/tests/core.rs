@@ -1,0 +1,242 @@
+//! `ClientCore` against vshp's gateway side (`Responder`) in memory: no TUN, no sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::core::{ClientCore, DEAD_AFTER, Event, MAX_DATAGRAM_RECORD, PING_INTERVAL, Timer};
+use vshp::key_oracle::{LocalKeyOracle, StaticKeyOracle, StaticKeypair};
+use vshp::lease::{Ipv4Prefix, Lease, LeaseId, Route};
+use vshp::message::{Message, MessageReader, MessageWriter};
+use vshp::record::{Capabilities, MAX_RECORD_LEN, SessionIndex};
+use vshp::transport::{Session, TransportMode};
+use vshp::{ErrorReason, Responder};
+
+fn lease() -> Lease {
+    Lease {
+        id: LeaseId(7),
+        ipv4: Ipv4Prefix {
+            addr: Ipv4Addr::new(100, 64, 0, 2),
+            len: 24,
+        },
+        ipv6: None,
+        dns: vec![IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1))],
+        mtu: 1400,
+        routes: vec![Route::V4(Ipv4Prefix {
+            addr: Ipv4Addr::UNSPECIFIED,
+            len: 0,
+        })],
+        expires_at_unix: 0,
+    }
+}
+
+/// A core and the gateway's session after a completed IK handshake.
+fn established(now: Duration) -> (ClientCore, Session, String) {
+    let gw = StaticKeypair::generate().unwrap();
+    let me = StaticKeypair::generate().unwrap();
+    let oracle: Arc<dyn StaticKeyOracle> = Arc::new(LocalKeyOracle::new(gw.clone()));
+    let mut core = ClientCore::new(me, gw.public_key(), "laptop", TransportMode::Datagram);
+    let mut wire = vec![0u8; MAX_RECORD_LEN];
+    let n = core.begin_handshake(now, &mut wire).unwrap();
+    let mut r = Responder::new(oracle, Capabilities::ALL_V1, SessionIndex(99)).unwrap();
+    let mut payload = vec![0u8; MAX_RECORD_LEN];
+    let p = r.read_init(&wire[..n], &mut payload).unwrap();
+    let names: Vec<_> = MessageReader::new(&payload[..p])
+        .map(|m| format!("{:?}", m.unwrap()))
+        .collect();
+    assert!(names.iter().any(|m| m.contains("laptop")), "{names:?}");
+    let mut hello = [0u8; 16];
+    let mut w = MessageWriter::new(&mut hello);
+    w.hello(Capabilities::ALL_V1.0).unwrap();
+    let hl = w.len();
+    let n = r.write_response(&hello[..hl], &mut wire).unwrap();
+    let est = r.into_established().unwrap();
+    let gw_code = est.pairing_code().to_string();
+    let session = Session::new(&est, TransportMode::Datagram, now).unwrap();
+    let mut events = Vec::new();
+    core.handle_record(&mut wire[..n], now, &mut |e| events.push(format!("{e:?}")))
+        .unwrap();
+    assert!(core.is_established());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains(&gw_code), "{events:?} vs {gw_code}");
+    (core, session, gw_code)
+}
+
+fn gateway_sends(
+    gw: &mut Session,
+    now: Duration,
+    f: impl FnOnce(&mut MessageWriter<'_>),
+) -> Vec<u8> {
+    let mut plain = vec![0u8; 4096];
+    let mut w = MessageWriter::new(&mut plain);
+    f(&mut w);
+    let n = w.len();
+    let mut rec = vec![0u8; 8192];
+    let len = gw.seal(&plain[..n], &mut rec, now).unwrap();
+    rec.truncate(len);
+    rec
+}
+
+#[test]
+fn ik_handshake_shows_the_gateways_code_then_pending_then_config() {
+    let now = Duration::from_secs(1);
+    let (mut core, mut gw, _code) = established(now);
+    let mut rec = gateway_sends(&mut gw, now, |w| {
+        w.error(ErrorReason::PendingApproval, "").unwrap()
+    });
+    let mut got = Vec::new();
+    core.handle_record(&mut rec, now, &mut |e| {
+        if let Event::Refused { reason, .. } = e {
+            got.push(reason);
+        }
+    })
+    .unwrap();
+    assert_eq!(got, vec![ErrorReason::PendingApproval]);
+    let mut rec = gateway_sends(&mut gw, now, |w| w.config(&lease()).unwrap());
+    let mut leases = Vec::new();
+    core.handle_record(&mut rec, now, &mut |e| {
+        if let Event::Config(l) = e {
+            leases.push(l);
+        }
+    })
+    .unwrap();
+    assert_eq!(leases, vec![lease()]);
+}
+
+#[test]
+fn packets_batch_into_records_that_fit_a_datagram_and_come_back_out() {
+    let now = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(now);
+    let small: Vec<Vec<u8>> = (0..40).map(|i| vec![0x45; 60 + i]).collect();
+    let big = vec![0x45u8; 1400];
+    let mut all: Vec<&[u8]> = small.iter().map(Vec::as_slice).collect();
+    all.push(&big);
+    all.push(&big);
+    let mut out = vec![0u8; MAX_RECORD_LEN];
+    let mut at = 0;
+    let mut records = 0;
+    let mut received: Vec<Vec<u8>> = Vec::new();
+    while at < all.len() {
+        let (len, took) = core.seal_packets(&all[at..], now, &mut out).unwrap();
+        assert!(took > 0);
+        assert!(len <= MAX_DATAGRAM_RECORD, "{len}");
+        records += 1;
+        at += took;
+        let mut rec = out[..len].to_vec();
+        let plain = gw.open_in_place(&mut rec, now).unwrap();
+        for m in MessageReader::new(plain) {
+            if let Message::IpPacket(b) = m.unwrap() {
+                received.extend(b.iter().map(<[u8]>::to_vec));
+            }
+        }
+    }
+    assert_eq!(received.len(), all.len());
+    assert!(received.iter().zip(&all).all(|(a, b)| a == b));
+    assert!(
+        records < all.len() / 2,
+        "{records} records for {} packets",
+        all.len()
+    );
+    assert_eq!(core.counters().tx_packets, all.len() as u64);
+
+    // Gateway → client: a batch of packets arrives as Packet events in order.
+    let pkts: Vec<&[u8]> = small.iter().take(5).map(Vec::as_slice).collect();
+    let mut rec = gateway_sends(&mut gw, now, |w| {
+        w.ip_packets(&pkts).unwrap();
+    });
+    let mut got = Vec::new();
+    core.handle_record(&mut rec, now, &mut |e| {
+        if let Event::Packet(p) = e {
+            got.push(p.to_vec());
+        }
+    })
+    .unwrap();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[4], small[4]);
+}
+
+#[test]
+fn pings_every_interval_answers_pings_and_detects_a_dead_gateway() {
+    let t0 = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(t0);
+    let mut out = vec![0u8; MAX_RECORD_LEN];
+    assert_eq!(
+        core.poll(t0 + Duration::from_secs(1), &mut out).unwrap(),
+        Timer::Idle
+    );
+    let Timer::Send(n) = core.poll(t0 + PING_INTERVAL, &mut out).unwrap() else {
+        panic!("no PING after the interval")
+    };
+    let mut rec = out[..n].to_vec();
+    let plain = gw.open_in_place(&mut rec, t0 + PING_INTERVAL).unwrap();
+    assert!(matches!(
+        MessageReader::new(plain).next().unwrap().unwrap(),
+        Message::Ping(_)
+    ));
+    // The gateway's PING gets a PONG with the same seq.
+    let now = t0 + PING_INTERVAL;
+    let mut rec = gateway_sends(&mut gw, now, |w| {
+        w.ping(vshp::message::Keepalive {
+            seq: 42,
+            tx_packets: 0,
+            rx_packets: 0,
+        })
+        .unwrap()
+    });
+    core.handle_record(&mut rec, now, &mut |_| {}).unwrap();
+    let n = core.take_pong(now, &mut out).unwrap().unwrap();
+    let mut rec = out[..n].to_vec();
+    let plain = gw.open_in_place(&mut rec, now).unwrap();
+    assert!(matches!(
+        MessageReader::new(plain).next().unwrap().unwrap(),
+        Message::Pong(k) if k.seq == 42
+    ));
+    // Silence for DEAD_AFTER: dead.
+    assert_eq!(core.poll(now + DEAD_AFTER, &mut out).unwrap(), Timer::Dead);
+}
+
+#[test]
+fn garbage_and_forged_records_are_dropped_not_fatal() {
+    let now = Duration::from_secs(1);
+    let (mut core, _gw, _) = established(now);
+    for mut junk in [
+        vec![],
+        vec![1u8],
+        vec![1, 4, 0, 0, 0, 0, 0, 99],
+        vec![0xff; 200],
+    ] {
+        core.handle_record(&mut junk, now, &mut |e| panic!("event from junk: {e:?}"))
+            .unwrap();
+    }
+    let mut fake = vec![0u8; 64];
+    fake[0] = 1;
+    fake[1] = 4;
+    core.handle_record(&mut fake, now, &mut |e| {
+        panic!("event from a forged record: {e:?}")
+    })
+    .unwrap();
+    assert!(core.counters().records_dropped >= 4);
+    assert!(core.is_established());
+}
+
+#[test]
+fn an_unanswered_handshake_times_out() {
+    let gw = StaticKeypair::generate().unwrap();
+    let mut core = ClientCore::new(
+        StaticKeypair::generate().unwrap(),
+        gw.public_key(),
+        "laptop",
+        TransportMode::Stream,
+    );
+    let mut out = vec![0u8; MAX_RECORD_LEN];
+    core.begin_handshake(Duration::ZERO, &mut out).unwrap();
+    assert_eq!(
+        core.poll(Duration::from_secs(1), &mut out).unwrap(),
+        Timer::Idle
+    );
+    assert_eq!(
+        core.poll(Duration::from_secs(10), &mut out).unwrap(),
+        Timer::HandshakeTimedOut
+    );
+}
