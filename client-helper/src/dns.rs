@@ -52,13 +52,25 @@ fn temp_beside(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.
 pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_beside(path);
-    let mut f = File::create(&tmp)?;
+    remove_if_there(&tmp)?;
+    // O_EXCL: a link planted at the temporary name is not followed.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     f.set_permissions(Permissions::from_mode(mode))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, path)?;
     sync_dir(path)
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -81,16 +93,10 @@ pub fn write_servers(path: &Path, servers: &[IpAddr]) -> io::Result<()> {
 pub fn restore(path: &Path, saved: &Saved) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     match saved {
-        Saved::Absent => match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => sync_dir(path),
-        },
+        Saved::Absent => remove_if_there(path).and_then(|()| sync_dir(path)),
         Saved::Symlink(target) => {
             let tmp = temp_beside(path);
-            match fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            remove_if_there(&tmp)?;
             symlink(std::ffi::OsStr::from_bytes(target), &tmp)?;
             fs::rename(&tmp, path)?;
             sync_dir(path)

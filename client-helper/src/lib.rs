@@ -11,12 +11,13 @@ pub mod policy;
 pub mod session;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use ipc_schema::Channel;
 use ipc_schema::messages::session_helper::HelperEnd;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use crate::journal::Journal;
@@ -110,11 +111,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 /// Reads `LISTEN_PID`/`LISTEN_FDS`, so it runs before `confine` clears the environment.
 fn listener(args: &Args) -> Result<UnixListener, Error> {
     if let Some(path) = &args.socket {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(format!("removing {}", path.display()))(e));
+        // Replace a stale socket, never anything else.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(Error::Usage(format!(
+                    "{} exists and is not a socket",
+                    path.display()
+                )));
             }
-            _ => {}
+            std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
         }
         let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
         // Anyone may connect; SO_PEERCRED decides who is served.
@@ -190,14 +195,25 @@ pub fn run(args: Args) -> Result<(), Error> {
         journal: args.journal.clone(),
         resolv_conf: args.resolv_conf.clone(),
     };
-    if let Some(dir) = args.journal.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    }
+    let dir = match args.journal.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    // One helper per journal: an exclusive lock on its directory, held until exit.
+    let dir_file = std::fs::File::open(&dir).map_err(io(format!("opening {}", dir.display())))?;
+    let lock = Flock::lock(dir_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        Error::Sys {
+            what: "another helper holds the journal's directory",
+            errno,
+        }
+    })?;
     let listener = match args.restore {
         true => None,
         false => Some(listener(&args)?),
     };
-    let keep: Vec<_> = listener.iter().map(|l| l.as_raw_fd()).collect();
+    let mut keep: Vec<_> = listener.iter().map(|l| l.as_raw_fd()).collect();
+    keep.push(lock.as_raw_fd());
     let confinement = security::confine(
         security::Role::ClientHelper,
         &security::ConfineOptions {
@@ -212,7 +228,13 @@ pub fn run(args: Args) -> Result<(), Error> {
     };
     tracing::info!(uid, "serving");
     loop {
-        let (stream, _) = listener.accept().map_err(io("accept"))?;
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
         match getsockopt(&stream, PeerCredentials) {
             Ok(cred) if cred.uid() == uid => {}
             Ok(cred) => {
