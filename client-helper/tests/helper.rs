@@ -140,6 +140,10 @@ struct Helper(Child);
 
 impl Helper {
     fn start(ns: &Netns, dir: &Dir) -> Self {
+        Self::start_with(ns, dir, &[])
+    }
+
+    fn start_with(ns: &Netns, dir: &Dir, extra: &[&str]) -> Self {
         let _ = fs::remove_file(dir.sock());
         let nsfd = ns.file();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vpnshare-helper"));
@@ -148,7 +152,7 @@ impl Helper {
             .arg(dir.journal())
             .arg("--policy")
             .arg(dir.policy());
-        cmd.arg("--resolv-conf").arg(dir.resolv());
+        cmd.arg("--resolv-conf").arg(dir.resolv()).args(extra);
         cmd.env("RUST_LOG", "debug").stdin(Stdio::null());
         // SAFETY: setns is a single system call, safe between fork and exec.
         unsafe {
@@ -160,6 +164,40 @@ impl Helper {
         let h = Helper(cmd.spawn().unwrap());
         wait_for(|| dir.sock().exists(), "the helper's socket");
         h
+    }
+
+    /// Through `systemd-socket-activate`: the listening socket arrives as fd 3 with
+    /// `LISTEN_PID` and `LISTEN_FDS=1`, as from `vpnshare-helper.socket`.
+    fn start_activated(ns: &Netns, dir: &Dir) -> Option<Self> {
+        let tool = [
+            "/usr/bin/systemd-socket-activate",
+            "/bin/systemd-socket-activate",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+        let nsfd = ns.file();
+        let mut cmd = Command::new(tool);
+        cmd.arg("-l").arg(dir.sock());
+        cmd.arg(env!("CARGO_BIN_EXE_vpnshare-helper"));
+        cmd.arg("--uid")
+            .arg("0")
+            .arg("--journal")
+            .arg(dir.journal());
+        cmd.arg("--policy")
+            .arg(dir.policy())
+            .arg("--resolv-conf")
+            .arg(dir.resolv());
+        cmd.stdin(Stdio::null());
+        // SAFETY: setns is a single system call, safe between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(&nsfd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let h = Helper(cmd.spawn().unwrap());
+        wait_for(|| dir.sock().exists(), "the activated socket");
+        Some(h)
     }
 
     fn kill(&mut self) {
@@ -488,13 +526,15 @@ fn restores_everything_when_the_client_closes_its_socket() {
     let ns = Netns::new("close");
     let dir = Dir::new("close");
     let before = state(&ns, &dir);
-    let _helper = Helper::start(&ns, &dir);
+    // As `vpnshare connect` spawns it: one session, then exit 0.
+    let mut helper = Helper::start_with(&ns, &dir, &["--once"]);
     let mut ch = connect(&dir.sock());
     let _tun = bring_up(&mut ch);
     assert_ne!(state(&ns, &dir), before);
     drop(ch);
     wait_restored(&dir);
     assert_eq!(state(&ns, &dir), before);
+    assert!(helper.0.wait().unwrap().success());
 }
 
 #[test]
@@ -562,6 +602,25 @@ fn restores_everything_after_the_helper_is_killed_and_restarted() {
     // The TUN is gone even though this process still holds its descriptor.
     assert!(!ns.ip(&["link"]).contains("vshare"));
     drop(tun);
+}
+
+#[test]
+fn serves_a_socket_activated_listener_on_fd_3() {
+    require_root!();
+    let ns = Netns::new("act");
+    let dir = Dir::new("act");
+    let before = state(&ns, &dir);
+    let Some(_helper) = Helper::start_activated(&ns, &dir) else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    };
+    let mut ch = connect(&dir.sock());
+    let _tun = bring_up(&mut ch);
+    assert_eq!(
+        call(&mut ch, &SessionToHelper::TearDown).0,
+        HelperToSession::Done
+    );
+    assert_eq!(state(&ns, &dir), before);
 }
 
 /// Not a test on its own: the body of the child processes above (a caller of another
