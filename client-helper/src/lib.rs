@@ -112,19 +112,27 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 fn listener(args: &Args) -> Result<UnixListener, Error> {
     if let Some(path) = &args.socket {
         // Replace a stale socket, never anything else.
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            if !m.file_type().is_socket() {
-                return Err(Error::Usage(format!(
+        let stale = |p: &std::path::Path| -> Result<(), Error> {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if !m.file_type().is_socket() => Err(Error::Usage(format!(
                     "{} exists and is not a socket",
-                    path.display()
-                )));
+                    p.display()
+                ))),
+                Ok(_) => std::fs::remove_file(p).map_err(io(format!("removing {}", p.display()))),
+                Err(_) => Ok(()),
             }
-            std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
-        }
-        let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
-        // Anyone may connect; SO_PEERCRED decides who is served.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        };
+        // Bound and opened to everyone under a temporary name, then renamed: PATH
+        // appears only once it accepts connections. SO_PEERCRED decides who is served.
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".new");
+        let tmp = PathBuf::from(tmp);
+        stale(&tmp)?;
+        stale(path)?;
+        let l = UnixListener::bind(&tmp).map_err(io(format!("binding {}", tmp.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))
             .map_err(io("socket mode"))?;
+        std::fs::rename(&tmp, path).map_err(io(format!("renaming to {}", path.display())))?;
         return Ok(l);
     }
     let pid_ok = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
@@ -254,5 +262,30 @@ pub fn run(args: Args) -> Result<(), Error> {
         if args.once {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(s: &str) -> Result<Args, Error> {
+        Args::parse(s.split_whitespace().map(str::to_owned))
+    }
+
+    #[test]
+    fn command_line_is_the_documented_one() {
+        let a = parse("--socket /run/x.sock --uid 1000 --journal /tmp/j --once").unwrap();
+        assert_eq!(a.uid, Some(1000));
+        assert_eq!(a.socket, Some(PathBuf::from("/run/x.sock")));
+        assert_eq!(a.journal, PathBuf::from("/tmp/j"));
+        assert_eq!(a.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        assert!(a.once && !a.restore);
+        assert!(parse("--restore").unwrap().restore);
+        assert!(matches!(parse("--socket /x"), Err(Error::Usage(_))));
+        assert!(matches!(parse("--uid x"), Err(Error::Usage(_))));
+        assert!(matches!(parse("--uid 1 --exec sh"), Err(Error::Usage(_))));
+        assert!(matches!(parse("--uid"), Err(Error::Usage(_))));
     }
 }
