@@ -347,15 +347,29 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
     Ok(())
 }
 
-pub fn connect(
-    uri: String,
-    state_dir: Option<PathBuf>,
-    transport: &str,
-    user: Option<String>,
-    helper_socket: Option<PathBuf>,
-    name: Option<String>,
-) -> CmdResult {
-    let transport = match transport {
+/// The options of `vpnshare connect`.
+#[derive(Debug)]
+pub struct ConnectArgs {
+    pub uri: String,
+    pub state_dir: Option<PathBuf>,
+    pub transport: String,
+    pub user: Option<String>,
+    pub helper_socket: Option<PathBuf>,
+    pub name: Option<String>,
+    pub resolv_conf: Option<PathBuf>,
+}
+
+pub fn connect(args: ConnectArgs) -> CmdResult {
+    let ConnectArgs {
+        uri,
+        state_dir,
+        transport,
+        user,
+        helper_socket,
+        name,
+        resolv_conf,
+    } = args;
+    let transport = match transport.as_str() {
         "udp" => client::TransportKind::Udp,
         "tcp" => client::TransportKind::Tcp,
         other => return Err(format!("--transport {other:?}: expected udp or tcp")),
@@ -377,6 +391,7 @@ pub fn connect(
         user,
         helper_socket,
         device_name,
+        resolv_conf,
     })
     .map_err(|e| e.to_string())
 }

@@ -70,6 +70,10 @@ enum Command {
         /// The device name shown to the gateway (default: this host's name).
         #[arg(long)]
         name: Option<String>,
+        /// As root: the resolver file the helper it starts manages (default
+        /// /etc/resolv.conf).
+        #[arg(long)]
+        resolv_conf: Option<PathBuf>,
     },
     /// Show the running gateway's peers, counters and sandbox state.
     Status {
@@ -107,7 +111,16 @@ fn main() -> ExitCode {
             user,
             helper_socket,
             name,
-        } => commands::connect(uri, state_dir, &transport, user, helper_socket, name),
+            resolv_conf,
+        } => commands::connect(commands::ConnectArgs {
+            uri,
+            state_dir,
+            transport,
+            user,
+            helper_socket,
+            name,
+            resolv_conf,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,9 @@ pub struct ConnectOptions {
     pub helper_socket: Option<PathBuf>,
     /// The device name sent in AUTH.
     pub device_name: String,
+    /// As root: the resolver file the spawned helper manages (default its own,
+    /// `/etc/resolv.conf`).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -90,7 +93,12 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
 
     let mut helper = if nix::unistd::geteuid().is_root() {
         let (uid, gid) = target_user(opts.user.as_deref())?;
-        let spawned = helper::spawn_helper(uid, gid, &opts.state_dir.join("helper.journal"))?;
+        let spawned = helper::spawn_helper(
+            uid,
+            gid,
+            &opts.state_dir.join("helper.journal"),
+            opts.resolv_conf.as_deref(),
+        )?;
         helper::drop_privileges(uid, gid)?;
         let h = Helper::connect(&spawned.socket)?;
         let _ = std::fs::remove_dir_all(&spawned.dir);

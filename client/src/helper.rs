@@ -45,7 +45,12 @@ pub fn helper_binary() -> Option<PathBuf> {
 /// Starts `vpnshare-helper --socket DIR/helper.sock --uid UID --journal JOURNAL --once`
 /// in its own process group (Ctrl-C on the terminal reaches the session only, which
 /// then tears down through the helper) and waits for its socket.
-pub fn spawn_helper(uid: u32, gid: u32, journal: &Path) -> Result<SpawnedHelper, ConnectError> {
+pub fn spawn_helper(
+    uid: u32,
+    gid: u32,
+    journal: &Path,
+    resolv_conf: Option<&Path>,
+) -> Result<SpawnedHelper, ConnectError> {
     let exe = helper_binary().ok_or_else(|| {
         ConnectError::HelperMissing(
             broker::sibling_binary(HELPER_ENV, HELPER_BIN)
@@ -70,8 +75,11 @@ pub fn spawn_helper(uid: u32, gid: u32, journal: &Path) -> Result<SpawnedHelper,
         .arg(uid.to_string())
         .arg("--journal")
         .arg(journal)
-        .arg("--once")
-        .stdin(Stdio::null())
+        .arg("--once");
+    if let Some(r) = resolv_conf {
+        cmd.arg("--resolv-conf").arg(r);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .process_group(0);
