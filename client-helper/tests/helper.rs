@@ -623,6 +623,38 @@ fn serves_a_socket_activated_listener_on_fd_3() {
     assert_eq!(state(&ns, &dir), before);
 }
 
+#[test]
+fn a_tun_without_ipv6_still_takes_the_ipv6_routes() {
+    require_root!();
+    let ns = Netns::new("v4only");
+    let dir = Dir::new("v4only");
+    let before = state(&ns, &dir);
+    let _helper = Helper::start(&ns, &dir);
+    let mut ch = connect(&dir.sock());
+    let open = SessionToHelper::OpenTun {
+        ipv4: Ipv4Prefix {
+            addr: "100.64.0.2".parse().unwrap(),
+            len: 24,
+        },
+        ipv6: None,
+        mtu: 1280,
+    };
+    let (reply, _fd) = call(&mut ch, &open);
+    assert!(
+        matches!(reply, HelperToSession::TunOpened { .. }),
+        "{reply:?}"
+    );
+    let done = HelperToSession::Done;
+    assert_eq!(call(&mut ch, &full_tunnel("198.51.100.10")).0, done);
+    let v6 = ns.ip(&["-6", "route"]);
+    assert!(
+        v6.contains("::/1 dev vshare0") && v6.contains("8000::/1 dev vshare0"),
+        "{v6}"
+    );
+    assert_eq!(call(&mut ch, &SessionToHelper::TearDown).0, done);
+    assert_eq!(state(&ns, &dir), before);
+}
+
 /// Not a test on its own: the body of the child processes above (a caller of another
 /// uid; a client that is killed). Does nothing unless the parent test set its variable.
 #[test]
