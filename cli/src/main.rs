@@ -125,7 +125,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
-            eprintln!("vpnshare: {reason}");
+            // One write: the helper a root `connect` started shares this stderr.
+            let line = format!("vpnshare: {reason}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::FAILURE
         }
     }
