@@ -62,6 +62,9 @@ fn step(what: &str) -> Result<(), String> {
 }
 
 fn run(bins: &std::path::Path) -> Result<(), String> {
+    println!(
+        "VPN Share demo — the real gateway and client in network namespaces, a real WireGuard VPN."
+    );
     step("Building the network: laptop ── LAN ── phone ══ WireGuard VPN ══ vpn ── internet")?;
     let mut s = Stack::start(bins, "demo", FILE_MB)?;
     let result = use_stack(&mut s);
@@ -123,9 +126,18 @@ fn use_stack(s: &mut Stack) -> Result<(), String> {
     }
 
     let during = s.laptop_net()?;
+    let main_routes: String = during
+        .routes
+        .lines()
+        .chain(during.routes6.lines())
+        .filter(|l| {
+            !l.contains("table local") && !l.starts_with("multicast ") && !l.contains("fe80::")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     println!(
-        "\nlaptop routes with the tunnel up:\n{}",
-        indent(&during.routes)
+        "\nlaptop routes with the tunnel up (main table, IPv4 and IPv6):\n{}",
+        indent(&main_routes)
     );
     println!("laptop resolver file:\n{}", indent(&during.resolv_conf));
 
@@ -185,6 +197,18 @@ fn use_stack(s: &mut Stack) -> Result<(), String> {
         s.tb.dns_queries()
     );
 
+    if s.tb.has_ipv6() {
+        let h6 = s.tb.addrs().http_v6();
+        match s.in_laptop(move || client::http_get(h6, "/health", T))? {
+            Ok(r) => println!(
+                "  IPv6: GET http://{h6}/health → {} {:?}",
+                r.status,
+                r.text().trim()
+            ),
+            Err(e) => println!("  IPv6: GET http://{h6}/health failed: {e}"),
+        }
+    }
+
     step("UDP echo and a closed port")?;
     let echo = s.tb.udp_echo_addr();
     let e = s
@@ -227,8 +251,15 @@ fn use_stack(s: &mut Stack) -> Result<(), String> {
         println!("    leak: {l}");
     }
 
-    step("Gateway counters (vpnshare status --json)")?;
-    let st = s.status()?;
+    step("Gateway counters (vpnshare status --json; the netstack reports every 5 s)")?;
+    let end = Instant::now() + Duration::from_secs(8);
+    let mut st = s.status()?;
+    while st["netstack"]["bytes_out"].as_u64().unwrap_or(0) < s.tb.file_len()
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(250));
+        st = s.status()?;
+    }
     println!(
         "{}",
         indent(&serde_json::to_string_pretty(&st).unwrap_or_default())
