@@ -605,12 +605,13 @@ impl Run {
 
     fn apply_lease(&mut self, lease: Lease, helper: &mut Helper) -> Result<(), ConnectError> {
         self.waiting_approval = false;
-        if self.tun.is_some() && self.lease.as_ref() == Some(&lease) {
+        if self.tun.is_some() && self.lease.as_ref().is_some_and(|l| same_config(l, &lease)) {
             println!(
-                "reconnected: same lease {}/{}",
-                lease.ipv4.addr, lease.ipv4.len
+                "reconnected: same lease {}/{} (lease {})",
+                lease.ipv4.addr, lease.ipv4.len, lease.id.0
             );
             let _ = std::io::stdout().flush();
+            self.lease = Some(lease);
             return Ok(());
         }
         if self.tun.take().is_some() {
@@ -739,6 +740,12 @@ impl Run {
         let _ = std::io::stdout().flush();
         Ok(())
     }
+}
+
+/// Do two leases configure the TUN the same way (addresses, MTU, routes, DNS)? The
+/// lease id and expiry may differ after a fresh handshake.
+fn same_config(a: &Lease, b: &Lease) -> bool {
+    a.ipv4 == b.ipv4 && a.ipv6 == b.ipv6 && a.mtu == b.mtu && a.routes == b.routes && a.dns == b.dns
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), ConnectError> {

@@ -224,6 +224,39 @@ fn kill_9_of_the_client_restores_routes_rules_and_resolver_exactly() {
     }
 }
 
+/// The gateway's worker for this peer dies: the client notices the silence (dead-peer
+/// detection, 30 s), handshakes again and gets the same lease back; the tunnel works
+/// again without touching the TUN, routes or DNS.
+#[test]
+fn after_the_gateway_loses_the_session_the_client_reconnects_with_the_same_lease() {
+    let Some(_) = ready() else { return };
+    let mut s = trusted_stack("reconnect", 1);
+    let (up, _) = s.connect("udp", false).unwrap();
+    let during = s.laptop_net().unwrap();
+    let workers = Stack::children_of(s.gateway.pid(), "vpnshare-worke");
+    assert_eq!(workers.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(workers[0]).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let c = s.client.as_mut().unwrap();
+    c.wait_line("connection interrupted", Duration::from_secs(60))
+        .unwrap();
+    let again = c.wait_line("reconnected: same lease", Duration::from_secs(60));
+    let out = c.output();
+    let again = again.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let addr = up.split_whitespace().nth(2).unwrap().trim_end_matches(',');
+    assert!(again.contains(addr), "{again} vs {up}");
+    assert_eq!(s.laptop_net().unwrap(), during, "routes or DNS changed");
+    let http = s.tb.http_addr();
+    let r = s
+        .in_laptop(move || client::http_get(http, "/file", T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.sha256, s.tb.file_sha256());
+}
+
 #[test]
 fn an_unreachable_gateway_is_one_line() {
     let Some(_) = ready() else { return };
