@@ -66,7 +66,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(tb: &Testbed, node: Node, cmd: &mut Command) -> Result<Self, String> {
+    /// Starts `cmd` in `node` with its output collected.
+    pub fn spawn(tb: &Testbed, node: Node, cmd: &mut Command) -> Result<Self, String> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

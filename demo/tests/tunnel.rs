@@ -257,6 +257,94 @@ fn after_the_gateway_loses_the_session_the_client_reconnects_with_the_same_lease
     assert_eq!(r.sha256, s.tb.file_sha256());
 }
 
+/// The client's single `vpnshare: ` line on stderr (it must exit by itself).
+fn one_error_line(s: &mut Stack) -> String {
+    let c = s.client.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "the client did not exit:\n{}",
+            c.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let out = c.output();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("vpnshare: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_denied_pairing_ends_the_client_in_one_line_and_leaves_nothing_behind() {
+    let Some(_) = ready() else { return };
+    let mut s = Stack::start(&demo::bin_dir().unwrap(), "deny", 1).unwrap();
+    let before = s.laptop_net().unwrap();
+    let mut cmd = Command::new(s.bins.join("vpnshare"));
+    cmd.args(["connect", &s.invite, "--state-dir"])
+        .arg(&s.laptop_dir)
+        .arg("--resolv-conf")
+        .arg(s.tb.resolv_conf(testbed::Node::Laptop));
+    s.client = Some(spawn_in_laptop(&s, &mut cmd));
+    let line = s
+        .client
+        .as_mut()
+        .unwrap()
+        .wait_line("Compare this code", Duration::from_secs(20))
+        .unwrap();
+    let code = line
+        .split_whitespace()
+        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap()
+        .to_owned();
+    let dir = s.gw_dir.to_string_lossy().into_owned();
+    s.vpnshare(&["pairing", "--state-dir", &dir, "deny", &code])
+        .unwrap();
+    let err = one_error_line(&mut s);
+    assert!(err.contains("did not approve this device"), "{err}");
+    assert_eq!(wait_restored(&s, &before), before);
+}
+
+#[test]
+fn without_the_vpn_on_the_gateway_the_client_says_so_in_one_line() {
+    let Some(_) = ready() else { return };
+    let mut s = trusted_stack("novpn", 1);
+    s.tb.set_vpn_up(false).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.status().unwrap()["sharing_available"] != false {
+        assert!(Instant::now() < end, "the gateway still sees a VPN");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = s.connect("udp", false).unwrap_err();
+    let err = one_error_line(&mut s);
+    assert!(err.contains("VPN is unavailable"), "{err}");
+}
+
+/// Revocation cuts the live session; the client's next handshake is refused as revoked
+/// (after dead-peer detection, about 30 s) and it exits with everything restored.
+#[test]
+fn a_revoked_client_exits_in_one_line_with_everything_restored() {
+    let Some(_) = ready() else { return };
+    let mut s = trusted_stack("revoke", 1);
+    let before = s.laptop_net().unwrap();
+    s.connect("udp", false).unwrap();
+    let key = s.laptop_key().unwrap();
+    let dir = s.gw_dir.to_string_lossy().into_owned();
+    s.vpnshare(&["peers", "--state-dir", &dir, "revoke", &key])
+        .unwrap();
+    let err = one_error_line(&mut s);
+    assert!(err.contains("revoked this device"), "{err}");
+    assert_eq!(wait_restored(&s, &before), before);
+}
+
+fn spawn_in_laptop(s: &Stack, cmd: &mut Command) -> demo::Proc {
+    demo::Proc::spawn(&s.tb, testbed::Node::Laptop, cmd).unwrap()
+}
+
 #[test]
 fn an_unreachable_gateway_is_one_line() {
     let Some(_) = ready() else { return };
