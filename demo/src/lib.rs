@@ -354,6 +354,34 @@ impl Stack {
         })
     }
 
+    /// `getent ahostsv4 NAME` in a new laptop process: the system resolver, reading the
+    /// resolver file as it is now (the helper's while the tunnel is up).
+    pub fn resolve_in_laptop(&self, name: &str) -> Result<String, String> {
+        let mut cmd = Command::new("getent");
+        cmd.args(["ahostsv4", name]);
+        let mut p = Proc::spawn(&self.tb, Node::Laptop, &mut cmd)?;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                let out = p.output();
+                if !st.success() {
+                    return Err(format!("getent {name}: {st} {out}"));
+                }
+                return Ok(out
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().next())
+                    .unwrap_or_default()
+                    .to_owned());
+            }
+            if Instant::now() > end {
+                return Err(format!("getent {name}: no answer in 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `f` on a thread in the laptop namespace.
     pub fn in_laptop<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
         self.tb

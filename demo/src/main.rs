@@ -196,6 +196,10 @@ fn use_stack(s: &mut Stack) -> Result<(), String> {
         q.addrs,
         s.tb.dns_queries()
     );
+    let resolved = s.resolve_in_laptop("echo.vpnshare.test")?;
+    println!(
+        "  system resolver (getent ahostsv4 echo.vpnshare.test in the laptop, via the helper's resolver file): {resolved}"
+    );
 
     if s.tb.has_ipv6() {
         let h6 = s.tb.addrs().http_v6();

@@ -345,6 +345,79 @@ fn spawn_in_laptop(s: &Stack, cmd: &mut Command) -> demo::Proc {
     demo::Proc::spawn(&s.tb, testbed::Node::Laptop, cmd).unwrap()
 }
 
+/// Not root: `vpnshare connect` as an ordinary user (65534) uses an installed helper's
+/// socket (here started by hand, as systemd would) and never holds a privilege.
+#[test]
+fn an_unprivileged_connect_uses_the_installed_helper() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(bins) = ready() else { return };
+    let mut s = Stack::start(&bins, "unpriv", 1).unwrap();
+    let before = s.laptop_net().unwrap();
+    let sock_dir = demo::temp_dir("unpriv-sock").unwrap();
+    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let user_dir = demo::temp_dir("unpriv-user").unwrap();
+    std::os::unix::fs::chown(&user_dir, Some(65534), Some(65534)).unwrap();
+    let socket = sock_dir.join("helper.sock");
+    let mut hcmd = Command::new(bins.join("vpnshare-helper"));
+    hcmd.arg("--socket")
+        .arg(&socket)
+        .args(["--uid", "65534", "--once", "--journal"])
+        .arg(sock_dir.join("journal"))
+        .arg("--resolv-conf")
+        .arg(s.tb.resolv_conf(testbed::Node::Laptop));
+    let mut helper = spawn_in_laptop(&s, &mut hcmd);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < end, "helper: {}", helper.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The user's own identity, created as that user.
+    let id = Command::new(bins.join("vpnshare"))
+        .args(["id", "--state-dir"])
+        .arg(&user_dir)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(id.status.success(), "{id:?}");
+    let key = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    let dir = s.gw_dir.to_string_lossy().into_owned();
+    s.vpnshare(&["peers", "--state-dir", &dir, "add", &key])
+        .unwrap();
+    let mut cmd = Command::new(bins.join("vpnshare"));
+    cmd.args(["connect", &s.invite, "--helper-socket"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&user_dir)
+        .uid(65534)
+        .gid(65534);
+    s.client = Some(spawn_in_laptop(&s, &mut cmd));
+    let c = s.client.as_mut().unwrap();
+    let up = c.wait_line("tunnel up:", Duration::from_secs(30));
+    let out = c.output();
+    up.unwrap_or_else(|e| panic!("{e}\n{out}\nhelper: {}", helper.output()));
+    let conf = Confinement::of(c.pid());
+    assert!(conf.is_confined(), "{conf}");
+    assert_eq!(conf.uid, "65534");
+    let http = s.tb.http_addr();
+    let r = s
+        .in_laptop(move || client::http_get(http, "/bytes/1000000", T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.len, 1_000_000);
+    assert_eq!(r.sha256, testbed::content_sha256(1_000_000));
+    let st = s.client.as_mut().unwrap().stop(Signal::SIGINT).unwrap();
+    assert!(st.success());
+    assert_eq!(wait_restored(&s, &before), before);
+    let end = Instant::now() + Duration::from_secs(10);
+    while helper.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "the helper did not exit after --once");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&sock_dir);
+    let _ = std::fs::remove_dir_all(&user_dir);
+}
+
 #[test]
 fn an_unreachable_gateway_is_one_line() {
     let Some(_) = ready() else { return };
