@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,9 +69,13 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` in `node` with its output collected.
     pub fn spawn(tb: &Testbed, node: Node, cmd: &mut Command) -> Result<Self, String> {
+        // Own process group: Ctrl-C on the terminal reaches the demo only, which then
+        // stops everything in order (its drops kill the processes, the testbed's drop
+        // removes the namespaces).
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
         let mut child = tb
             .run_in(node, cmd)
             .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;

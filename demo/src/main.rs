@@ -45,6 +45,11 @@ fn main() -> ExitCode {
             println!("\nEverything removed: namespaces, processes, state directories.");
             ExitCode::SUCCESS
         }
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("vpnshare-demo: interrupted");
+            eprintln!("(everything the demo created has been removed)");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("vpnshare-demo: {e}");
             eprintln!("(everything the demo created has been removed)");
