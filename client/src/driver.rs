@@ -95,13 +95,14 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
         let (uid, gid) = target_user(opts.user.as_deref())?;
         let spawned = helper::spawn_helper(
             uid,
-            gid,
             &opts.state_dir.join("helper.journal"),
             opts.resolv_conf.as_deref(),
         )?;
-        helper::drop_privileges(uid, gid)?;
-        let h = Helper::connect(&spawned.socket)?;
+        // Connect with the session's uid as the effective one (SO_PEERCRED reports the
+        // effective uid), remove the socket's directory as root, then drop for good.
+        let h = helper::as_user(uid, gid, || Helper::connect(&spawned.socket))?;
         let _ = std::fs::remove_dir_all(&spawned.dir);
+        helper::drop_privileges(uid, gid)?;
         tracing::info!(
             pid = spawned.child.id(),
             uid,

@@ -47,7 +47,6 @@ pub fn helper_binary() -> Option<PathBuf> {
 /// then tears down through the helper) and waits for its socket.
 pub fn spawn_helper(
     uid: u32,
-    gid: u32,
     journal: &Path,
     resolv_conf: Option<&Path>,
 ) -> Result<SpawnedHelper, ConnectError> {
@@ -105,15 +104,24 @@ pub fn spawn_helper(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The session connects after dropping to `uid` and then removes the directory, so
-    // the directory becomes the session's (the socket inside stays the helper's).
-    std::os::unix::fs::chown(&helper.dir, Some(uid), Some(gid)).map_err(|source| {
-        ConnectError::Io {
-            what: "cannot hand the helper's socket directory to the session's user",
-            source,
-        }
-    })?;
     Ok(helper)
+}
+
+/// Runs `f` with `uid`/`gid` as the effective ids, then returns to root (the saved
+/// set-user-ID keeps that possible until [`drop_privileges`]).
+pub fn as_user<T>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> Result<T, ConnectError>,
+) -> Result<T, ConnectError> {
+    use nix::unistd::{Gid, Uid, setegid, seteuid};
+    let err = |what: &str, e: nix::Error| ConnectError::Privileges(format!("{what}: {e}"));
+    setegid(Gid::from_raw(gid)).map_err(|e| err("setegid", e))?;
+    seteuid(Uid::from_raw(uid)).map_err(|e| err("seteuid", e))?;
+    let r = f();
+    seteuid(Uid::from_raw(0)).map_err(|e| err("seteuid back to root", e))?;
+    setegid(Gid::from_raw(0)).map_err(|e| err("setegid back to root", e))?;
+    r
 }
 
 /// Drops from root to `uid`/`gid` for good: no supplementary groups, then gid, then uid.

@@ -181,6 +181,25 @@ pub struct Stack {
     pub tb: Testbed,
 }
 
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The processes first (the client's helper restores the laptop), then their
+        // state directories; the testbed's own drop follows.
+        self.client = None;
+        let _ = self.gateway.child.kill();
+        let _ = self.gateway.child.wait();
+        // The killed client's helper may still be removing its journal: retry briefly.
+        for _ in 0..40 {
+            let _ = std::fs::remove_dir_all(&self.gw_dir);
+            let _ = std::fs::remove_dir_all(&self.laptop_dir);
+            if !self.gw_dir.exists() && !self.laptop_dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// The laptop's network state that must come back exactly after the client ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetState {
