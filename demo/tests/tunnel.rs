@@ -465,4 +465,32 @@ fn without_root_and_without_a_helper_connect_says_so_in_one_line() {
     );
 }
 
+/// As root without a helper binary: one line naming it and how to build it. Nothing
+/// is sent anywhere (the helper is looked for before the transport opens).
+#[test]
+fn as_root_without_the_helper_binary_connect_says_so_in_one_line() {
+    let Some(bins) = ready() else { return };
+    let dir = demo::temp_dir("nohelperbin").unwrap();
+    let out = Command::new(bins.join("vpnshare"))
+        .args([
+            "connect",
+            "vshp://127.0.0.1:9/?key=0000000000000000000000000000000000000000000000000000000000000001",
+            "--state-dir",
+        ])
+        .arg(&dir)
+        .env("VPNSHARE_HELPER", "/nonexistent/vpnshare-helper")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("vpnshare: vpnshare-helper is missing (/nonexistent/vpnshare-helper)")
+            && lines[0].contains("cargo build --release"),
+        "{stderr}"
+    );
+}
+
 use std::os::unix::process::CommandExt;
