@@ -124,6 +124,23 @@ fn download_upload_dns_udp_closed_port_through_the_tunnel_and_nothing_else_on_th
         "the internet's DNS server saw the queries"
     );
 
+    // IPv6 through the tunnel too (the lease has an IPv6 address; ::/1 and 8000::/1
+    // route into the TUN).
+    if s.tb.has_ipv6() {
+        let h6 = s.tb.addrs().http_v6();
+        let r6 = s
+            .in_laptop(move || client::http_get(h6, "/bytes/300000", T))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r6.sha256, testbed::content_sha256(300_000));
+        let dns6 = SocketAddr::new("fd56:5348:5000::1".parse().unwrap(), 53);
+        let q6 = s
+            .in_laptop(move || client::dns_query(dns6, "files.vpnshare.test", DnsType::Aaaa, T))
+            .unwrap()
+            .unwrap();
+        assert_eq!(q6.addrs, vec![h6.ip()]);
+    }
+
     // (3) UDP echo.
     let echo = s.tb.udp_echo_addr();
     let e = s
@@ -196,6 +213,19 @@ fn ctrl_c_restores_routes_rules_and_resolver_exactly() {
     assert!(c.output().contains("tunnel down: routes and DNS restored"));
     let after = wait_restored(&s, &before);
     assert_eq!(after, before);
+}
+
+#[test]
+fn sigterm_restores_routes_rules_and_resolver_exactly() {
+    let Some(_) = ready() else { return };
+    let mut s = trusted_stack("sigterm", 1);
+    let before = s.laptop_net().unwrap();
+    s.connect("tcp", false).unwrap();
+    assert_ne!(s.laptop_net().unwrap(), before);
+    let mut c = s.client.take().unwrap();
+    let st = c.stop(Signal::SIGTERM).unwrap();
+    assert!(st.success(), "{st}: {}", c.output());
+    assert_eq!(wait_restored(&s, &before), before);
 }
 
 #[test]
