@@ -47,19 +47,22 @@ pub fn run(protocol_only: bool) -> DemoResult<()> {
     }
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
-        missing.push("root (network namespaces, a TUN device): run it with sudo".to_owned());
+        missing.push("root (network namespaces, a TUN device; run it with sudo)".to_owned());
     }
     let dir = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
         .unwrap_or_default();
-    for b in DEMO_BINARIES {
-        if !dir.join(b).is_file() {
-            missing.push(format!(
-                "{} (build it with cargo build --release)",
-                dir.join(b).display()
-            ));
-        }
+    let absent: Vec<&str> = DEMO_BINARIES
+        .into_iter()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    if !absent.is_empty() {
+        missing.push(format!(
+            "{} next to {} (build them with cargo build --release)",
+            absent.join(", "),
+            dir.display()
+        ));
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
         missing.push("/dev/net/tun".to_owned());
