@@ -265,6 +265,9 @@ fn after_the_gateway_loses_the_session_the_client_reconnects_with_the_same_lease
     let during = s.laptop_net().unwrap();
     let workers = Stack::children_of(s.gateway.pid(), "vpnshare-worke");
     assert_eq!(workers.len(), 1);
+    // While the session is gone the routes stay on the TUN: traffic waits or is
+    // dropped, it never leaves outside the tunnel.
+    let capture = Capture::start(&s.tb, s.tb.phone_lan_ip()).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(workers[0]).unwrap()),
         Signal::SIGKILL,
@@ -273,12 +276,26 @@ fn after_the_gateway_loses_the_session_the_client_reconnects_with_the_same_lease
     let c = s.client.as_mut().unwrap();
     c.wait_line("connection interrupted", Duration::from_secs(60))
         .unwrap();
+    let echo = s.tb.udp_echo_addr();
+    let dns = dns_server();
+    let _ = s.in_laptop(move || {
+        let _ = client::udp_echo(echo, b"during the outage", Duration::from_millis(300));
+        let _ = client::dns_query(
+            dns,
+            "files.vpnshare.test",
+            DnsType::A,
+            Duration::from_millis(300),
+        );
+    });
+    let c = s.client.as_mut().unwrap();
     let again = c.wait_line("reconnected: same lease", Duration::from_secs(60));
     let out = c.output();
     let again = again.unwrap_or_else(|e| panic!("{e}\n{out}"));
     let addr = up.split_whitespace().nth(2).unwrap().trim_end_matches(',');
     assert!(again.contains(addr), "{again} vs {up}");
     assert_eq!(s.laptop_net().unwrap(), during, "routes or DNS changed");
+    let rep = capture.finish();
+    assert_eq!(rep.other, 0, "leaks during the outage: {:?}", rep.leaks);
     let http = s.tb.http_addr();
     let r = s
         .in_laptop(move || client::http_get(http, "/file", T))
