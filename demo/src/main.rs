@@ -196,7 +196,7 @@ fn use_stack(s: &mut Stack) -> Result<(), String> {
         .in_laptop(move || client::dns_query(dns, "files.vpnshare.test", DnsType::A, T))?
         .map_err(|e| format!("DNS: {e}"))?;
     println!(
-        "  rcode {}, addresses {:?} (the internet's DNS server counted {} queries)",
+        "  rcode {}, addresses {:?} (the internet's DNS server has answered {} DNS queries in all)",
         q.rcode,
         q.addrs,
         s.tb.dns_queries()
