@@ -39,10 +39,28 @@ fn main() {
     }
     let measure = std::env::args().any(|a| a == "--bench");
     let batches = if measure { 16_000 } else { 8 };
-    let ipc = run_parent("ipc", batches, measure, parent_ipc);
-    let raw = run_parent("raw", batches, measure, parent_raw);
+    // Single runs varied by 2x (CPU frequency, scheduler placement of the two
+    // processes), so a measurement alternates the two modes for several rounds and
+    // reports the medians, after one unreported warm-up round of each.
+    let rounds = if measure { 7 } else { 1 };
     if measure {
-        println!("ipc/raw throughput ratio: {:.3}", ipc / raw);
+        run_parent("ipc", batches, parent_ipc);
+        run_parent("raw", batches, parent_raw);
+    }
+    let mut ipc = Vec::with_capacity(rounds);
+    let mut raw = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        ipc.push(run_parent("ipc", batches, parent_ipc));
+        raw.push(run_parent("raw", batches, parent_raw));
+    }
+    let (ipc, raw) = (median(&mut ipc), median(&mut raw));
+    if measure {
+        report("ipc", ipc);
+        report("raw", raw);
+        println!(
+            "ipc/raw throughput ratio: {:.3} (medians of {rounds} rounds)",
+            ipc / raw
+        );
     } else {
         println!("socketpair bench: test mode ran {batches} batches per mode (no timings taken)");
     }
@@ -50,12 +68,7 @@ fn main() {
 
 /// Spawns the child for `mode`, runs `parent` against it and returns packets/s.
 /// `parent` returns the seconds from the end of its set-up to the child's ack.
-fn run_parent(
-    mode: &str,
-    batches: usize,
-    report: bool,
-    parent: fn(UnixStream, usize) -> f64,
-) -> f64 {
+fn run_parent(mode: &str, batches: usize, parent: fn(UnixStream, usize) -> f64) -> f64 {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(CHILD_ENV, mode)
@@ -67,13 +80,19 @@ fn run_parent(
     assert!(child.wait().unwrap().success());
     let packets = (batches * PACKETS_PER_BATCH) as f64;
     let pps = packets / secs;
-    let gbps = pps * (PACKET_LEN * 8) as f64 / 1e9;
-    if report {
-        println!(
-            "{mode:>4}: {pps:>12.0} packets/s  {gbps:>7.2} Gbit/s  ({PACKETS_PER_BATCH} × {PACKET_LEN} B per batch)"
-        );
-    }
     pps
+}
+
+fn report(mode: &str, pps: f64) {
+    let gbps = pps * (PACKET_LEN * 8) as f64 / 1e9;
+    println!(
+        "{mode:>4}: {pps:>12.0} packets/s  {gbps:>7.2} Gbit/s  ({PACKETS_PER_BATCH} × {PACKET_LEN} B per batch)"
+    );
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn batch() -> PacketBatch {
