@@ -79,8 +79,7 @@ fn run_parent(mode: &str, batches: usize, parent: fn(UnixStream, usize) -> f64) 
     let secs = parent(ours, batches);
     assert!(child.wait().unwrap().success());
     let packets = (batches * PACKETS_PER_BATCH) as f64;
-    let pps = packets / secs;
-    pps
+    packets / secs
 }
 
 fn report(mode: &str, pps: f64) {
