@@ -214,8 +214,7 @@ pub mod samples {
         vec![
             BrokerToWorker::AdoptTransport {
                 kind: TransportKind::Datagram,
-                first_record: BoundedBytes::new(vec![1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 9])
-                    .ok(),
+                first_record: BoundedBytes::new(vec![1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 9]).ok(),
             },
             BrokerToWorker::AdoptTransport {
                 kind: TransportKind::Stream,
