@@ -209,6 +209,8 @@ pub struct Gateway {
     last_egress_check: Option<Instant>,
     last_counters: Instant,
     workers_restarted: u64,
+    /// Final counters of the workers that ended, for `status`.
+    ended_workers: WorkerCounters,
     confined: bool,
     dropped_handshakes: u64,
 }
@@ -336,6 +338,7 @@ impl Gateway {
             last_egress_check: None,
             last_counters: now,
             workers_restarted: 0,
+            ended_workers: WorkerCounters::default(),
             confined: false,
             dropped_handshakes: 0,
             cfg,
@@ -1386,12 +1389,14 @@ impl Gateway {
                                     "bad_records": w.counters.bad_records,
                                     "bad_packets": w.counters.bad_packets,
                                     "spoofed_sources": w.counters.spoofed_sources,
+                                    "forbidden_destinations": w.counters.forbidden_destinations,
                                 }),
                             ),
                         ],
                     );
                 }
             }
+            self.ended_workers.add(&w.counters);
             if let Some(l) = w.lease.take() {
                 self.pool.release(l.id);
                 self.send_netstack(&BrokerToNetstack::LeaseRemoved { lease: l.id }, &[]);
@@ -1454,7 +1459,7 @@ impl Gateway {
     fn on_request(&mut self, req: ControlRequest) -> ControlReply {
         let now = now_unix();
         match req {
-            ControlRequest::Status => ControlReply::Status(self.status()),
+            ControlRequest::Status => ControlReply::Status(Box::new(self.status())),
             ControlRequest::PeersList => {
                 ControlReply::Peers(BoundedVec::new(self.peer_infos()).unwrap_or_default())
             }
@@ -1621,6 +1626,13 @@ impl Gateway {
             workers_restarted: self.workers_restarted,
             ipc_bad_messages: ipc_schema::channel::bad_messages_total(),
             netstack: self.netstack_counters,
+            workers: self
+                .workers
+                .values()
+                .fold(self.ended_workers, |mut sum, w| {
+                    sum.add(&w.counters);
+                    sum
+                }),
         }
     }
 

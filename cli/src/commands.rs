@@ -309,6 +309,14 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
             "bytes_in": n.bytes_in, "bytes_out": n.bytes_out,
             "dns_queries": n.dns_queries, "dropped_no_egress": n.dropped_no_egress,
         },
+        "workers": {
+            "records_in": s.workers.records_in, "records_out": s.workers.records_out,
+            "packets_forwarded": s.workers.packets_forwarded,
+            "packets_delivered": s.workers.packets_delivered,
+            "bad_records": s.workers.bad_records, "replayed_records": s.workers.replayed_records,
+            "bad_packets": s.workers.bad_packets, "spoofed_sources": s.workers.spoofed_sources,
+            "forbidden_destinations": s.workers.forbidden_destinations,
+        },
         "peers": peer_json,
     });
     if as_json {
@@ -329,6 +337,15 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
     println!("pending pairings:  {}", s.pending_pairings);
     println!("workers restarted: {}", s.workers_restarted);
     println!("ipc bad messages:  {}", s.ipc_bad_messages);
+    let w = &s.workers;
+    println!(
+        "worker drops:      {} bad records, {} replayed, {} bad packets, {} spoofed sources, {} forbidden destinations",
+        w.bad_records,
+        w.replayed_records,
+        w.bad_packets,
+        w.spoofed_sources,
+        w.forbidden_destinations
+    );
     for p in &peers {
         let state = match p.state {
             PeerState::Trusted => "trusted",

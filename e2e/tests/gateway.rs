@@ -924,6 +924,10 @@ fn laptop_reaches_the_internet_through_the_gateway_and_its_vpn() {
                     .udp_request(tb.udp_echo_addr(), b"still", 10)
                     .is_some()
             );
+            // ... and counted: the workers' reports reach `vpnshare status` (every 5 s).
+            wait_status(&gw, "forbidden destinations counted", 20, |s| {
+                s["workers"]["forbidden_destinations"].as_u64() >= Some(3)
+            });
 
             // (f) The VPN goes down: nothing leaves; it comes back: traffic flows.
             tb.set_vpn_up(false).unwrap();

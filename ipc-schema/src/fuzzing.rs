@@ -415,7 +415,7 @@ pub mod samples {
 
     pub fn control_reply() -> Vec<ControlReply> {
         vec![
-            ControlReply::Status(StatusReport {
+            ControlReply::Status(Box::new(StatusReport {
                 gateway_key: PeerKey([8; 32]),
                 sharing_available: true,
                 sandbox: SandboxState::Confined,
@@ -424,7 +424,8 @@ pub mod samples {
                 workers_restarted: 0,
                 ipc_bad_messages: 0,
                 netstack: NetstackCounters::default(),
-            }),
+                workers: WorkerCounters::default(),
+            })),
             ControlReply::Peers(
                 BoundedVec::new(vec![PeerInfo {
                     key: PeerKey([4; 32]),

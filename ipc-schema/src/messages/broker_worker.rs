@@ -200,6 +200,38 @@ pub struct WorkerCounters {
     pub forbidden_destinations: u64,
 }
 
+impl WorkerCounters {
+    /// Adds `other` field by field (saturating), for totals over many workers.
+    pub fn add(&mut self, other: &Self) {
+        let Self {
+            records_in,
+            records_out,
+            packets_forwarded,
+            packets_delivered,
+            bytes_forwarded,
+            bytes_delivered,
+            bad_records,
+            replayed_records,
+            bad_packets,
+            spoofed_sources,
+            forbidden_destinations,
+        } = other;
+        self.records_in = self.records_in.saturating_add(*records_in);
+        self.records_out = self.records_out.saturating_add(*records_out);
+        self.packets_forwarded = self.packets_forwarded.saturating_add(*packets_forwarded);
+        self.packets_delivered = self.packets_delivered.saturating_add(*packets_delivered);
+        self.bytes_forwarded = self.bytes_forwarded.saturating_add(*bytes_forwarded);
+        self.bytes_delivered = self.bytes_delivered.saturating_add(*bytes_delivered);
+        self.bad_records = self.bad_records.saturating_add(*bad_records);
+        self.replayed_records = self.replayed_records.saturating_add(*replayed_records);
+        self.bad_packets = self.bad_packets.saturating_add(*bad_packets);
+        self.spoofed_sources = self.spoofed_sources.saturating_add(*spoofed_sources);
+        self.forbidden_destinations = self
+            .forbidden_destinations
+            .saturating_add(*forbidden_destinations);
+    }
+}
+
 impl Message for BrokerToWorker {
     fn fd_count(&self) -> usize {
         match self {

@@ -14,6 +14,7 @@ use crate::limits::{
     MAX_NAME_LEN,
 };
 use crate::messages::broker_netstack::NetstackCounters;
+use crate::messages::broker_worker::WorkerCounters;
 use crate::messages::channel_ends;
 use crate::messages::common::PeerKey;
 
@@ -51,7 +52,8 @@ pub enum ControlRequest {
 /// Broker → CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlReply {
-    Status(StatusReport),
+    /// Boxed: the report is far larger than the other replies.
+    Status(Box<StatusReport>),
     Peers(BoundedVec<PeerInfo, MAX_LISTED>),
     Pairings(BoundedVec<PairingInfo, MAX_LISTED>),
     Ok,
@@ -111,6 +113,9 @@ pub struct StatusReport {
     pub workers_restarted: u64,
     pub ipc_bad_messages: u64,
     pub netstack: NetstackCounters,
+    /// Every worker's counters added up: live sessions' latest reports and the final
+    /// reports of ended ones (drops by reason: spoofed, forbidden, bad records, ...).
+    pub workers: WorkerCounters,
 }
 
 impl Message for ControlRequest {}
