@@ -86,7 +86,7 @@ fn download_upload_dns_udp_closed_port_through_the_tunnel_and_nothing_else_on_th
     let capture = Capture::start(&s.tb, s.tb.phone_lan_ip()).unwrap();
     let http = s.tb.http_addr();
 
-    // (1) HTTP download with the server file's sha256, and an upload.
+    // (1) HTTP download with the server file's sha256, and an upload of the same size.
     let r = s
         .in_laptop(move || client::http_get(http, "/file", T))
         .unwrap()
@@ -94,7 +94,7 @@ fn download_upload_dns_udp_closed_port_through_the_tunnel_and_nothing_else_on_th
     assert_eq!(r.status, 200);
     assert_eq!(r.len, s.tb.file_len());
     assert_eq!(r.sha256, s.tb.file_sha256(), "downloaded file differs");
-    let body = testbed::content_bytes(8 << 20);
+    let body = testbed::content_bytes(50 << 20);
     let want = demo::hex(&testbed::content_sha256(body.len() as u64));
     let u = s
         .in_laptop(move || client::http_upload(http, &body, T))
@@ -102,6 +102,13 @@ fn download_upload_dns_udp_closed_port_through_the_tunnel_and_nothing_else_on_th
         .unwrap();
     assert_eq!(u.status, 200);
     assert_eq!(u.text().trim(), want, "upload's sha256 at the server");
+
+    // ICMP echo through the tunnel: the gateway's netstack answers it with a ping
+    // socket (the testbed's phone allows them, as Android does for apps).
+    let target = http.ip();
+    s.in_laptop(move || client::icmp_echo(target, b"vpnshare", T))
+        .unwrap()
+        .unwrap();
 
     // (2) DNS through the tunnel: the lease's DNS server (the gateway's forwarder),
     // which the helper wrote into the resolver file.
