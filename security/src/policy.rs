@@ -312,28 +312,33 @@ pub static PARSER_WORKER: &[Syscall] = &[
     sys!(SYS_getsockopt, "SO_ERROR of the inherited sockets (mio)"),
 ];
 
+/// `socket()` arguments of the roles that talk to the network: AF_INET or AF_INET6,
+/// stream or datagram (flags such as SOCK_NONBLOCK masked off); nothing raw, packet,
+/// netlink or unix.
+const INET_STREAM_OR_DGRAM: Args = Args::OneOf(&[
+    &[
+        eq!(0, libc::AF_INET),
+        masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM),
+    ],
+    &[
+        eq!(0, libc::AF_INET),
+        masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM),
+    ],
+    &[
+        eq!(0, libc::AF_INET6),
+        masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM),
+    ],
+    &[
+        eq!(0, libc::AF_INET6),
+        masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM),
+    ],
+]);
+
 /// Netstack: opens and uses the OS sockets that re-originate the peers' flows.
 pub static NETSTACK: &[Syscall] = &[
     sys!(
         SYS_socket,
-        Args::OneOf(&[
-            &[
-                eq!(0, libc::AF_INET),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET6),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET6),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM)
-            ],
-        ]),
+        INET_STREAM_OR_DGRAM,
         "AF_INET/AF_INET6 stream or datagram (TCP, UDP, unprivileged ICMP ping) only"
     ),
     sys!(SYS_connect, "originate TCP flows; connect UDP flows"),
@@ -358,24 +363,7 @@ pub static NETSTACK: &[Syscall] = &[
 pub static CLIENT_SESSION: &[Syscall] = &[
     sys!(
         SYS_socket,
-        Args::OneOf(&[
-            &[
-                eq!(0, libc::AF_INET),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET6),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_STREAM)
-            ],
-            &[
-                eq!(0, libc::AF_INET6),
-                masked!(1, SOCK_TYPE_MASK, libc::SOCK_DGRAM)
-            ],
-        ]),
+        INET_STREAM_OR_DGRAM,
         "AF_INET/AF_INET6 stream or datagram only: reconnect to the gateway"
     ),
     sys!(SYS_connect, "reach the gateway (TCP, connected UDP)"),
