@@ -41,10 +41,12 @@ use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, info_span, warn};
 use vshp::key_oracle::{LocalKeyOracle, StaticKeyOracle};
-use vshp::lease::Lease;
+use vshp::lease::{Lease, LeaseId};
 use vshp::message::ErrorReason;
 use vshp::record::{self, ErrorRecord, Record, RecordKind, SessionIndex};
 use vshp::ticket::{TicketError, TicketId, TicketLease, TicketSealer};
+
+use crate::grace::{ParkedLeases, RESUME_GRACE};
 
 use crate::audit::AuditLog;
 use crate::egress::{self, VpnIface};
@@ -213,6 +215,8 @@ pub struct Gateway {
     ended_workers: WorkerCounters,
     confined: bool,
     dropped_handshakes: u64,
+    /// Leases of disconnected peers kept for a resume (`crate::grace`).
+    parked: ParkedLeases,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -341,6 +345,7 @@ impl Gateway {
             ended_workers: WorkerCounters::default(),
             confined: false,
             dropped_handshakes: 0,
+            parked: ParkedLeases::new(RESUME_GRACE),
             cfg,
         };
         gw.start_netstack();
@@ -614,6 +619,7 @@ impl Gateway {
             self.on_worker(id);
         }
         self.reap();
+        self.expire_parked();
         if routes_changed {
             if let Some(fd) = &self.route_watch {
                 drain(fd.as_fd());
@@ -1159,12 +1165,23 @@ impl Gateway {
         }
         let now = now_unix();
         let resumed = ticket.and_then(|t| match self.sealer.open(t, &peer, now) {
-            Ok(opened) => self.pool.reclaim(peer, &opened.lease, now).ok(),
+            // The lease parked since the peer's last session ended (flows kept), or,
+            // if none is (e.g. the gateway restarted), the ticket's addresses if free.
+            Ok(opened) => self
+                .parked
+                .resume(&peer, opened.lease.id)
+                .or_else(|| self.pool.reclaim(peer, &opened.lease, now).ok()),
             Err(e) => {
                 info!(error = %e, "resume ticket refused: full handshake lease");
                 None
             }
         });
+        if resumed.is_none() {
+            // A full handshake: a lease kept for this peer is not coming back.
+            if let Some(l) = self.parked.take(&peer) {
+                self.release_lease(l.id, false);
+            }
+        }
         let is_resumed = resumed.is_some();
         let lease = match resumed
             .map(Ok)
@@ -1270,19 +1287,56 @@ impl Gateway {
     /// Tells a worker to stop and releases its lease; `revoked` also drops its flows now.
     fn end_session(&mut self, session: u64, reason: ShutdownReason, revoked: bool) {
         self.send_worker(session, &BrokerToWorker::Shutdown { reason }, &[]);
-        let lease = self.workers.get_mut(&session).and_then(|w| {
+        let ended = self.workers.get_mut(&session).and_then(|w| {
             w.kill_at.get_or_insert(Instant::now() + SHUTDOWN_GRACE);
             w.stopping = true;
-            w.lease.take()
+            w.lease.take().map(|l| (w.peer, l))
         });
-        if let Some(l) = lease {
-            self.pool.release(l.id);
-            let msg = if revoked {
-                BrokerToNetstack::PeerRevoked { lease: l.id }
-            } else {
-                BrokerToNetstack::LeaseRemoved { lease: l.id }
-            };
-            self.send_netstack(&msg, &[]);
+        if revoked {
+            if let Some((_, l)) = ended {
+                self.release_lease(l.id, true);
+            }
+        } else if let Some((peer, l)) = ended {
+            self.park_lease(peer, l);
+        }
+    }
+
+    /// Releases a lease now: the netstack drops its flows (`revoked`: `PeerRevoked`).
+    fn release_lease(&mut self, id: LeaseId, revoked: bool) {
+        self.pool.release(id);
+        let msg = if revoked {
+            BrokerToNetstack::PeerRevoked { lease: id }
+        } else {
+            BrokerToNetstack::LeaseRemoved { lease: id }
+        };
+        self.send_netstack(&msg, &[]);
+    }
+
+    /// A peer's worker ended: its lease (and the netstack's flows) wait [`RESUME_GRACE`]
+    /// for a resume. A lease without a known peer is released at once.
+    fn park_lease(&mut self, peer: Option<[u8; 32]>, lease: Lease) {
+        let Some(peer) = peer else {
+            self.release_lease(lease.id, false);
+            return;
+        };
+        info!(
+            lease = lease.id.0,
+            grace_s = RESUME_GRACE.as_secs(),
+            "lease kept for a resume"
+        );
+        if let Some(old) = self.parked.park(peer, lease, Instant::now()) {
+            self.release_lease(old.id, false);
+        }
+    }
+
+    /// Releases the parked leases whose grace period ended.
+    fn expire_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for (peer, l) in self.parked.expire(Instant::now()) {
+            info!(lease = l.id.0, key = %peer_hex(&peer), "no resume within the grace period: lease released");
+            self.release_lease(l.id, false);
         }
     }
 
@@ -1398,8 +1452,7 @@ impl Gateway {
             }
             self.ended_workers.add(&w.counters);
             if let Some(l) = w.lease.take() {
-                self.pool.release(l.id);
-                self.send_netstack(&BrokerToNetstack::LeaseRemoved { lease: l.id }, &[]);
+                self.park_lease(w.peer, l);
             }
             self.pairing.drop_session(id);
         }
@@ -1576,6 +1629,9 @@ impl Gateway {
             .collect();
         for s in &sessions {
             self.end_session(*s, ShutdownReason::PeerRevoked, true);
+        }
+        if let Some(l) = self.parked.take(&key) {
+            self.release_lease(l.id, true);
         }
         self.audit.record(
             "peer_revoked",

@@ -11,6 +11,7 @@ pub mod control;
 pub mod egress;
 pub mod fsutil;
 pub mod gateway;
+pub mod grace;
 pub mod identity;
 pub mod invite;
 pub mod lan;
