@@ -28,7 +28,7 @@ use ipc_schema::PacketBatch;
 use ipc_schema::messages::broker_worker::{
     BrokerToWorker, Decision, HandshakeId, Refusal, SealedTicket, SessionEnd, WorkerToBroker,
 };
-use ipc_schema::messages::common::{PeerKey, ShutdownReason};
+use ipc_schema::messages::common::{PeerKey, RequestId, ShutdownReason};
 use vshp::OracleError;
 use vshp::handshake::{HandshakeError, Next, Responder};
 use vshp::lease::{Lease, LeaseId};
@@ -278,7 +278,14 @@ pub struct WorkerCore {
     window_start: Duration,
     window_handshakes: u64,
     data_path: bool,
+    /// Resume tickets: the last `SealTicket` request id and when the next is due.
+    ticket_request: u64,
+    ticket_due: Option<Duration>,
 }
+
+/// A fresh resume ticket is asked for this long after the last one (tickets live
+/// 12 hours, docs/protocol-crypto.md §5; a resume also gets a new one).
+pub const TICKET_REFRESH: Duration = Duration::from_secs(30 * 60);
 
 impl std::fmt::Debug for WorkerCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -347,6 +354,8 @@ impl WorkerCore {
             window_start: now,
             window_handshakes: 0,
             data_path: true,
+            ticket_request: 0,
+            ticket_due: None,
         }
     }
 
@@ -507,6 +516,9 @@ impl WorkerCore {
     pub fn on_tick(&mut self, now: Duration) {
         if self.exit.is_some() {
             return;
+        }
+        if self.phase == Phase::Admitted && self.ticket_due.is_some_and(|t| now >= t) {
+            self.request_ticket(now);
         }
         let idle = now.saturating_sub(self.last_rx) >= self.config.idle_timeout;
         let expired = self.session.as_ref().is_some_and(|s| s.is_expired(now));
@@ -909,6 +921,16 @@ impl WorkerCore {
                 self.to_broker
                     .push(WorkerToBroker::Counters(self.stats.to_wire()));
             }
+            BrokerToWorker::TicketSealed { request, ticket } => {
+                if request.0 != self.ticket_request || self.phase != Phase::Admitted {
+                    tracing::debug!(request = request.0, "ticket for another request");
+                    return;
+                }
+                if self.send_data(now, |w| w.ticket(ticket.as_slice())) {
+                    self.stats.tickets_sent += 1;
+                    tracing::debug!("resume ticket sent");
+                }
+            }
             BrokerToWorker::AdoptTransport { .. } | BrokerToWorker::AttachDataPath { .. } => {}
             other => tracing::debug!(message = ?other, "broker message ignored"),
         }
@@ -933,6 +955,7 @@ impl WorkerCore {
                 }
                 self.lease = Some(lease);
                 self.phase = Phase::Admitted;
+                self.request_ticket(now);
             }
             Decision::Pending => {
                 if self.phase == Phase::Admitted {
@@ -953,6 +976,16 @@ impl WorkerCore {
                 self.end(Exit::Refused(*r));
             }
         }
+    }
+
+    /// Asks the broker to seal a resume ticket for the peer (sent as TICKET when it
+    /// comes) and schedules the next one.
+    fn request_ticket(&mut self, now: Duration) {
+        self.ticket_request += 1;
+        self.to_broker.push(WorkerToBroker::SealTicket {
+            request: RequestId(self.ticket_request),
+        });
+        self.ticket_due = Some(now + TICKET_REFRESH);
     }
 
     /// Packets from the netstack for the peer: checked, packed into as few DATA records

@@ -164,6 +164,8 @@ pub struct Stats {
     pub bytes_delivered: u64,
     pub handshakes: u64,
     pub pings_answered: u64,
+    /// Resume tickets sent to the peer (TICKET messages).
+    pub tickets_sent: u64,
     pub record_drops: RecordDrops,
     pub packet_drops: PacketDrops,
 }

@@ -94,6 +94,11 @@ fn admit(core: &mut WorkerCore, client: &mut Client, id: HandshakeId) {
     let msgs = client.open(&recs[0], T0);
     assert_eq!(msgs[0], Owned::Config(lease()));
     assert!(matches!(msgs[1], Owned::Hello(_)));
+    // Admission asks the broker for a resume ticket.
+    assert!(matches!(
+        take_broker(core).as_slice(),
+        [WorkerToBroker::SealTicket { .. }]
+    ));
 }
 
 fn batches(core: &mut WorkerCore) -> Vec<Vec<Vec<u8>>> {
@@ -667,4 +672,62 @@ fn without_a_data_path_valid_packets_are_dropped_and_counted() {
     let mut rec = client.packets(T0, &[&good]);
     let _ = core.on_record(&mut rec, T0);
     assert_eq!(batches(&mut core), vec![vec![good]]);
+}
+
+#[test]
+fn an_admitted_peer_gets_a_resume_ticket_and_a_fresh_one_later() {
+    use ipc_schema::messages::broker_worker::SealedTicket;
+    use ipc_schema::messages::common::RequestId;
+    use parser_sandbox::core::TICKET_REFRESH;
+    let (mut core, _) = new_core(TransportMode::Datagram);
+    let (mut client, fin) = handshake(&mut core, true, None);
+    admit(&mut core, &mut client, finished_id(&fin));
+    let sealed = |request: u64, byte: u8| BrokerToWorker::TicketSealed {
+        request: RequestId(request),
+        ticket: SealedTicket::from_slice(&[byte; 120]).unwrap(),
+    };
+    // The answer to the first request (admission asked with id 1) goes to the peer.
+    core.on_broker(&sealed(1, 7), T0);
+    let recs = take_records(&mut core);
+    assert_eq!(recs.len(), 1);
+    let msgs = client.open(&recs[0], T0);
+    assert_eq!(msgs.len(), 1);
+    assert!(
+        matches!(&msgs[0], Owned::Other(s) if s.starts_with("Ticket")),
+        "{msgs:?}"
+    );
+    assert_eq!(core.stats().tickets_sent, 1);
+    // Before the refresh time nothing is asked; at it, a new request (id 2).
+    let keep = |core: &mut WorkerCore, client: &mut Client, t: Duration| {
+        let mut rec = client.data(t, |w| {
+            w.ping(Keepalive {
+                seq: 1,
+                tx_packets: 0,
+                rx_packets: 0,
+            })
+            .unwrap()
+        });
+        let _ = core.on_record(&mut rec, t);
+        let _ = take_records(core);
+    };
+    let half = T0 + TICKET_REFRESH / 2;
+    keep(&mut core, &mut client, half);
+    core.on_tick(half);
+    let msgs = take_broker(&mut core);
+    assert!(msgs.is_empty(), "{msgs:?} {:?}", core.exit());
+    let due = T0 + TICKET_REFRESH;
+    keep(&mut core, &mut client, due);
+    core.on_tick(due);
+    assert!(matches!(
+        take_broker(&mut core).as_slice(),
+        [WorkerToBroker::SealTicket {
+            request: RequestId(2)
+        }]
+    ));
+    // A late answer to the superseded request is not sent; the current one is.
+    core.on_broker(&sealed(1, 8), due);
+    assert!(take_records(&mut core).is_empty());
+    core.on_broker(&sealed(2, 9), due);
+    assert_eq!(take_records(&mut core).len(), 1);
+    assert_eq!(core.stats().tickets_sent, 2);
 }

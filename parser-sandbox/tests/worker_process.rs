@@ -212,7 +212,16 @@ fn admit_with(
         other => panic!("expected the worker's initial credit, got {other:?}"),
     }
     ns.send_credit(grant).unwrap();
+    expect_seal_ticket(ch);
     ns
+}
+
+/// Admission asks the broker for a resume ticket (left unanswered here).
+fn expect_seal_ticket(ch: &mut Channel<BrokerEnd>) {
+    match ch.recv().unwrap().msg {
+        WorkerToBroker::SealTicket { .. } => {}
+        other => panic!("expected SealTicket, got {other:?}"),
+    }
 }
 
 /// The packets a client sends: two valid, one spoofed, two forbidden destinations.
@@ -407,6 +416,7 @@ fn without_a_netstack_packets_are_dropped_and_pings_still_answered() {
         &[],
     )
     .unwrap();
+    expect_seal_ticket(&mut ch);
     let n = client_sock.recv(&mut buf).unwrap();
     assert_eq!(
         client.open(&buf[..n], Duration::ZERO)[0],
