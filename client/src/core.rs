@@ -25,6 +25,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_DATAGRAM_RECORD: usize = 1472;
 /// Largest record sent on a stream transport (several full packets per record).
 pub const MAX_STREAM_RECORD: usize = 16 * 1024;
+/// Longest resume ticket kept (the gateway's are about 130 bytes).
+pub const MAX_TICKET: usize = 512;
 /// Bytes of an IP_PACKET message around its packets: type, length.
 const MSG_OVERHEAD: usize = 3;
 
@@ -113,6 +115,10 @@ pub struct ClientCore {
     counters: Counters,
     pending_pong: Option<u64>,
     scratch: Vec<u8>,
+    /// The latest resume ticket from the gateway (TICKET), presented in RESUME inside
+    /// the next handshake; `ticket_new` until the driver took a copy to persist.
+    ticket: Option<Vec<u8>>,
+    ticket_new: bool,
 }
 
 impl ClientCore {
@@ -135,6 +141,30 @@ impl ClientCore {
             counters: Counters::default(),
             pending_pong: None,
             scratch: vec![0u8; MAX_RECORD_LEN],
+            ticket: None,
+            ticket_new: false,
+        }
+    }
+
+    /// A resume ticket kept from an earlier run (the state dir): the next handshake
+    /// presents it in RESUME. Longer than the protocol allows: ignored.
+    pub fn set_ticket(&mut self, ticket: Vec<u8>) {
+        if !ticket.is_empty() && ticket.len() <= MAX_TICKET {
+            self.ticket = Some(ticket);
+        }
+    }
+
+    /// The ticket the next handshake presents, if any.
+    pub fn ticket(&self) -> Option<&[u8]> {
+        self.ticket.as_deref()
+    }
+
+    /// A ticket the gateway sent since the last call (to persist), once.
+    pub fn take_new_ticket(&mut self) -> Option<&[u8]> {
+        if std::mem::take(&mut self.ticket_new) {
+            self.ticket.as_deref()
+        } else {
+            None
         }
     }
 
@@ -173,10 +203,14 @@ impl ClientCore {
             Capabilities::ALL_V1,
             SessionIndex(index),
         )?;
-        let mut payload = [0u8; 256];
+        let mut payload = [0u8; 256 + MAX_TICKET];
         let mut w = MessageWriter::new(&mut payload);
         w.hello(Capabilities::ALL_V1.0)?;
         w.auth(&self.device_name, Platform::Linux)?;
+        if let Some(t) = &self.ticket {
+            // IK: the INIT payload is encrypted, so RESUME rides in it (one round trip).
+            w.resume(t)?;
+        }
         let n = w.len();
         let p = payload.get(..n).ok_or(CoreError::Crypto)?;
         let len = init.write_init(p, out)?;
@@ -237,6 +271,10 @@ impl ClientCore {
                 }
                 Message::Ping(k) => pong = Some(k),
                 Message::Pong(k) => on_event(Event::Pong { seq: k.seq }),
+                Message::Ticket { ticket } if !ticket.is_empty() && ticket.len() <= MAX_TICKET => {
+                    self.ticket = Some(ticket.to_vec());
+                    self.ticket_new = true;
+                }
                 Message::Close(r) => on_event(Event::Closed(r)),
                 Message::Error { reason, detail } => on_event(Event::Refused { reason, detail }),
                 _ => {}

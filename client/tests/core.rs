@@ -242,3 +242,40 @@ fn an_unanswered_handshake_times_out() {
         Timer::HandshakeTimedOut
     );
 }
+
+#[test]
+fn a_ticket_from_the_gateway_is_kept_and_presented_in_the_next_init() {
+    let t0 = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(t0);
+    assert!(core.ticket().is_none());
+    assert!(core.take_new_ticket().is_none());
+    let mut rec = gateway_sends(&mut gw, t0, |w| w.ticket(&[5; 130]).unwrap());
+    core.handle_record(&mut rec, t0, &mut |e| panic!("unexpected {e:?}"))
+        .unwrap();
+    assert_eq!(core.take_new_ticket(), Some(&[5u8; 130][..]));
+    assert!(core.take_new_ticket().is_none(), "handed out once");
+    assert_eq!(core.ticket(), Some(&[5u8; 130][..]));
+    // The next handshake (a reconnection) carries RESUME(ticket) in its INIT payload.
+    let gwk = StaticKeypair::generate().unwrap();
+    let oracle: Arc<dyn StaticKeyOracle> = Arc::new(LocalKeyOracle::new(gwk.clone()));
+    let mut c2 = ClientCore::new(
+        StaticKeypair::generate().unwrap(),
+        gwk.public_key(),
+        "laptop",
+        TransportMode::Datagram,
+    );
+    c2.set_ticket(vec![6; 140]);
+    c2.set_ticket(vec![0; 4096]); // too long: ignored
+    let mut wire = vec![0u8; MAX_RECORD_LEN];
+    let n = c2.begin_handshake(t0, &mut wire).unwrap();
+    let mut r = Responder::new(oracle, Capabilities::ALL_V1, SessionIndex(9)).unwrap();
+    let mut payload = vec![0u8; MAX_RECORD_LEN];
+    let p = r.read_init(&wire[..n], &mut payload).unwrap();
+    let resumes: Vec<Vec<u8>> = MessageReader::new(&payload[..p])
+        .filter_map(|m| match m.unwrap() {
+            Message::Resume { ticket } => Some(ticket.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resumes, vec![vec![6u8; 140]]);
+}
