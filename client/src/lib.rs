@@ -5,11 +5,13 @@
 //! - [`driver`]: the thin poll loop around it: the transport socket, the TUN descriptor
 //!   the helper passes, signals, reconnection with backoff;
 //! - [`helper`]: the helper's socket, or the helper started by a root `connect`, and the
-//!   privilege drop before confinement.
+//!   privilege drop before confinement;
+//! - [`usb`]: the stream-transport interface and the USB accessory transport (AOA).
 
 pub mod core;
 pub mod driver;
 pub mod helper;
+pub mod usb;
 
 use std::path::PathBuf;
 
