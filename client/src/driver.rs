@@ -23,6 +23,7 @@ use vshp::{ErrorReason, PairingCode, StreamDecoder};
 use crate::ConnectError;
 use crate::core::{ClientCore, Event, Timer};
 use crate::helper::{self, Helper};
+use crate::ticket_store::TicketStore;
 
 /// The transport to the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +125,19 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
     let transport = Transport::open(opts.transport, addr)
         .map_err(|e| ConnectError::Unreachable(format!("{addr}: {e}")))?;
 
-    let keep = vec![helper.as_fd().as_raw_fd(), transport.fd().as_raw_fd()];
+    // The resume ticket of an earlier run (same gateway): the first handshake presents
+    // it, so a restarted `connect` gets the same lease and the flows survive.
+    let (tickets, ticket) = match TicketStore::open(&opts.state_dir, invite.key) {
+        Ok((st, t)) => (Some(st), t),
+        Err(e) => {
+            tracing::warn!(error = %e, "resume ticket file: sessions will not resume after a restart");
+            (None, None)
+        }
+    };
+    let mut keep = vec![helper.as_fd().as_raw_fd(), transport.fd().as_raw_fd()];
+    if let Some(st) = &tickets {
+        keep.push(st.file().as_raw_fd());
+    }
     security::confine(
         security::Role::ClientSession,
         &security::ConfineOptions {
@@ -136,8 +149,13 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
     )?;
     tracing::info!("session confined (seccomp, no capabilities, no_new_privs)");
 
-    let core = ClientCore::new(keypair, invite.key, &opts.device_name, mode);
+    let mut core = ClientCore::new(keypair, invite.key, &opts.device_name, mode);
+    if let Some(t) = ticket {
+        tracing::info!("a resume ticket from the last run: resuming");
+        core.set_ticket(t);
+    }
     let mut run = Run::new(core, opts.transport, addr, transport);
+    run.tickets = tickets;
     let result = run.run(&mut helper);
     if result.is_err() {
         // Whatever went wrong, put the machine back the way it was.
@@ -349,6 +367,7 @@ struct Run {
     backoff: Duration,
     next_attempt: Option<Duration>,
     tun_write_errors: u64,
+    tickets: Option<TicketStore>,
 }
 
 impl Run {
@@ -370,6 +389,7 @@ impl Run {
             backoff: Duration::from_secs(1),
             next_attempt: None,
             tun_write_errors: 0,
+            tickets: None,
         }
     }
 
@@ -541,6 +561,14 @@ impl Run {
         };
         if let Some(n) = self.core.take_pong(now, &mut self.tx)? {
             self.send(n);
+        }
+        if let Some(t) = self.core.take_new_ticket() {
+            tracing::info!(len = t.len(), "resume ticket received");
+            if let Some(st) = &mut self.tickets {
+                if let Err(e) = st.save(t) {
+                    tracing::warn!(error = %e, "resume ticket not saved");
+                }
+            }
         }
         self.after_records(seen, helper)?;
         if let Some(why) = transport_gone {

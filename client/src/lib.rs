@@ -11,6 +11,7 @@
 pub mod core;
 pub mod driver;
 pub mod helper;
+pub mod ticket_store;
 pub mod usb;
 
 use std::path::PathBuf;

@@ -382,6 +382,11 @@ pub static CLIENT_SESSION: &[Syscall] = &[
     sys!(SYS_recvmmsg, "batched datagram receive"),
     sys!(SYS_sendmmsg, "batched datagram send"),
     sys!(SYS_shutdown, "end a stream transport"),
+    sys!(
+        SYS_pwrite64,
+        "the resume ticket into its pre-opened state-dir file"
+    ),
+    sys!(SYS_fdatasync, "the resume ticket's durability"),
 ];
 
 /// Client helper: TUN, routes, DNS, its journal; CAP_NET_ADMIN, never exec.
