@@ -77,7 +77,19 @@ pub fn http_get(
     timeout: Duration,
 ) -> Result<HttpResponse, ClientError> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    http_exchange(addr, req.as_bytes(), &[], timeout)
+    http_exchange(addr, req.as_bytes(), &[], timeout, &mut |_| {})
+}
+
+/// [`http_get`] on one connection that calls `progress(body bytes so far)` after each
+/// read; `progress` may block (pause the reader) to place an event mid-transfer.
+pub fn http_get_paced(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    progress: &mut dyn FnMut(u64),
+) -> Result<HttpResponse, ClientError> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_exchange(addr, req.as_bytes(), &[], timeout, progress)
 }
 
 /// `POST /upload` of `body`; the server answers the sha256 it computed, in hex.
@@ -90,7 +102,7 @@ pub fn http_upload(
         "POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    http_exchange(addr, req.as_bytes(), body, timeout)
+    http_exchange(addr, req.as_bytes(), body, timeout, &mut |_| {})
 }
 
 fn http_exchange(
@@ -98,6 +110,7 @@ fn http_exchange(
     head: &[u8],
     body: &[u8],
     timeout: Duration,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<HttpResponse, ClientError> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io("connect"))?;
     s.set_read_timeout(Some(timeout))
@@ -155,6 +168,7 @@ fn http_exchange(
             break;
         }
         take(&buf[..n], &mut len);
+        progress(len);
     }
     if let Some(cl) = content_length {
         if len != cl {
