@@ -90,6 +90,16 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
             host: invite.host.clone(),
             reason: "no address".into(),
         })?;
+    // The resume ticket of an earlier run (same gateway), opened while the state dir is
+    // still reachable (before dropping privileges): the first handshake presents it,
+    // so a restarted `connect` gets the same lease and the flows survive.
+    let (tickets, ticket) = match TicketStore::open(&opts.state_dir, invite.key) {
+        Ok((st, t)) => (Some(st), t),
+        Err(e) => {
+            tracing::warn!(error = %e, "resume ticket file: sessions will not resume after a restart");
+            (None, None)
+        }
+    };
     install_signals()?;
 
     let mut helper = if nix::unistd::geteuid().is_root() {
@@ -125,15 +135,6 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
     let transport = Transport::open(opts.transport, addr)
         .map_err(|e| ConnectError::Unreachable(format!("{addr}: {e}")))?;
 
-    // The resume ticket of an earlier run (same gateway): the first handshake presents
-    // it, so a restarted `connect` gets the same lease and the flows survive.
-    let (tickets, ticket) = match TicketStore::open(&opts.state_dir, invite.key) {
-        Ok((st, t)) => (Some(st), t),
-        Err(e) => {
-            tracing::warn!(error = %e, "resume ticket file: sessions will not resume after a restart");
-            (None, None)
-        }
-    };
     let mut keep = vec![helper.as_fd().as_raw_fd(), transport.fd().as_raw_fd()];
     if let Some(st) = &tickets {
         keep.push(st.file().as_raw_fd());
