@@ -50,7 +50,13 @@ fn init_logging() {
         .try_init();
 }
 
-pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdResult {
+pub fn gateway(
+    listen: &str,
+    state_dir: Option<PathBuf>,
+    egress: &str,
+    mdns: bool,
+    mdns_name: Option<String>,
+) -> CmdResult {
     let listen: SocketAddr = listen
         .parse()
         .map_err(|_| format!("--listen {listen:?} is not ADDR:PORT (e.g. 0.0.0.0:7400)"))?;
@@ -97,9 +103,40 @@ pub fn gateway(listen: &str, state_dir: Option<PathBuf>, egress: &str) -> CmdRes
         started.local_addr,
         started.control_socket.display()
     );
+    let instance = mdns_name.unwrap_or_else(host_name);
     gw.confine().map_err(|e| e.to_string())?;
+    // After confinement: `confine` wants one thread and closes every descriptor it is
+    // not told to keep, and mdns-sd runs its own thread with its own sockets. The
+    // broker's seccomp filter is a denylist, so its multicast sockets work.
+    let _mdns = if mdns && !started.local_addr.ip().is_loopback() {
+        match crate::discovery::advertise(&instance, started.local_addr, &started.invite.key) {
+            Ok(a) => {
+                eprintln!(
+                    "vpnshare: advertising {instance:?} over mDNS ({}), key fingerprint {}",
+                    crate::discovery::SERVICE_TYPE,
+                    crate::discovery::fingerprint(&started.invite.key)
+                );
+                Some(a)
+            }
+            Err(e) => {
+                eprintln!("vpnshare: not advertising over mDNS: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     gw.run(&|| STOP.load(Ordering::SeqCst))
         .map_err(|e| e.to_string())
+}
+
+/// This host's name, or "vpnshare".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "vpnshare".to_owned())
 }
 
 pub fn id(state_dir: Option<PathBuf>) -> CmdResult {
@@ -367,7 +404,9 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> CmdResult {
 /// The options of `vpnshare connect`.
 #[derive(Debug)]
 pub struct ConnectArgs {
-    pub uri: String,
+    pub uri: Option<String>,
+    pub discover: Option<String>,
+    pub list_only: bool,
     pub state_dir: Option<PathBuf>,
     pub transport: String,
     pub user: Option<String>,
@@ -376,9 +415,55 @@ pub struct ConnectArgs {
     pub resolv_conf: Option<PathBuf>,
 }
 
+/// How long `connect --discover` listens for gateways.
+const DISCOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `connect --discover [NAME]`: lists the gateways that answer within
+/// [`DISCOVER_WAIT`], picks one, checks and records its pinned key, and returns its
+/// invite (`None` with `--list-only`).
+fn discover_gateway(
+    state_dir: &std::path::Path,
+    wanted: Option<&str>,
+    list_only: bool,
+) -> Result<Option<String>, String> {
+    use crate::discovery;
+    let found = discovery::discover(DISCOVER_WAIT, wanted).map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        for g in &found {
+            let addrs: Vec<String> = g.addrs.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "found gateway {:?} at {} port {}, key fingerprint {}",
+                g.name,
+                addrs.join(" "),
+                g.port,
+                discovery::fingerprint(&g.key)
+            );
+        }
+        let _ = out.flush();
+    }
+    if list_only {
+        return Ok(None);
+    }
+    let g = discovery::choose(&found, wanted, DISCOVER_WAIT).map_err(|e| e.to_string())?;
+    discovery::check_pin(state_dir, &g).map_err(|e| e.to_string())?;
+    let uri = g
+        .invite()
+        .ok_or_else(|| format!("gateway {:?} advertised no address", g.name))?;
+    // The session drops privileges and confines itself before it reads the gateway's
+    // first byte, after which it cannot write the state dir: the key is pinned here,
+    // for the name it was found under (docs/discovery.md).
+    discovery::pin(state_dir, &g).map_err(|e| e.to_string())?;
+    println!("connecting to {:?}: {uri}", g.name);
+    Ok(Some(uri))
+}
+
 pub fn connect(args: ConnectArgs) -> CmdResult {
     let ConnectArgs {
         uri,
+        discover,
+        list_only,
         state_dir,
         transport,
         user,
@@ -393,6 +478,17 @@ pub fn connect(args: ConnectArgs) -> CmdResult {
     };
     let state_dir = resolve_state_dir(state_dir)?;
     init_logging();
+    let uri = match (uri, discover) {
+        (Some(uri), None) => uri,
+        (_, Some(wanted)) => {
+            let wanted = Some(wanted.trim()).filter(|w| !w.is_empty());
+            match discover_gateway(&state_dir, wanted, list_only)? {
+                Some(uri) => uri,
+                None => return Ok(()),
+            }
+        }
+        (None, None) => return Err("give an invite URI or --discover".into()),
+    };
     let device_name = name
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod commands;
 mod demo;
+mod discovery;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +34,12 @@ enum Command {
         /// `vpn` (default): forward only through a VPN interface; `any`: any route.
         #[arg(long, default_value = "vpn")]
         egress: String,
+        /// Do not advertise the gateway over mDNS (`_vshp._udp`).
+        #[arg(long)]
+        no_mdns: bool,
+        /// The mDNS instance name (default: this host's name).
+        #[arg(long)]
+        mdns_name: Option<String>,
     },
     /// Print this device's public key (created if absent) as the last line.
     Id {
@@ -55,7 +62,16 @@ enum Command {
     },
     /// Bring the tunnel up to a gateway given by its vshp:// invite URI.
     Connect {
-        uri: String,
+        /// The invite; omit it with --discover.
+        #[arg(required_unless_present = "discover")]
+        uri: Option<String>,
+        /// Find gateways on the LAN over mDNS for a few seconds, list them and connect
+        /// to NAME (an instance name or a fingerprint prefix), or to the first one.
+        #[arg(long, num_args = 0..=1, default_missing_value = "", conflicts_with = "uri")]
+        discover: Option<String>,
+        /// With --discover: only list what was found, do not connect.
+        #[arg(long, requires = "discover")]
+        list_only: bool,
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// `udp` (default) or `tcp`.
@@ -99,13 +115,17 @@ fn main() -> ExitCode {
             listen,
             state_dir,
             egress,
-        } => commands::gateway(&listen, state_dir, &egress),
+            no_mdns,
+            mdns_name,
+        } => commands::gateway(&listen, state_dir, &egress, !no_mdns, mdns_name),
         Command::Id { state_dir } => commands::id(state_dir),
         Command::Peers { state_dir, args } => commands::peers(state_dir, &args),
         Command::Pairing { state_dir, args } => commands::pairing(state_dir, &args),
         Command::Status { json, state_dir } => commands::status(state_dir, json),
         Command::Connect {
             uri,
+            discover,
+            list_only,
             state_dir,
             transport,
             user,
@@ -114,6 +134,8 @@ fn main() -> ExitCode {
             resolv_conf,
         } => commands::connect(commands::ConnectArgs {
             uri,
+            discover,
+            list_only,
             state_dir,
             transport,
             user,

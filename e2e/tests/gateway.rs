@@ -91,6 +91,7 @@ impl Gateway {
             &listen.to_string(),
             "--egress",
             "vpn",
+            "--no-mdns",
         ])
         .arg("--state-dir")
         .arg(dir)
