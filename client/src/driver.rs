@@ -369,6 +369,9 @@ struct Run {
     next_attempt: Option<Duration>,
     tun_write_errors: u64,
     tickets: Option<TicketStore>,
+    /// The UDP socket's local address went away (the laptop roamed): a new socket.
+    roam: bool,
+    last_addr_check: Duration,
 }
 
 impl Run {
@@ -391,6 +394,8 @@ impl Run {
             next_attempt: None,
             tun_write_errors: 0,
             tickets: None,
+            roam: false,
+            last_addr_check: Duration::ZERO,
         }
     }
 
@@ -473,6 +478,9 @@ impl Run {
         if let Some(rec) = self.tx.get(..len) {
             if let Err(e) = t.send(rec) {
                 tracing::debug!("send to the gateway failed: {e}");
+                if self.kind == TransportKind::Udp && local_address_gone(&e) {
+                    self.roam = true;
+                }
             }
         }
     }
@@ -736,6 +744,30 @@ impl Run {
 
     fn timers(&mut self) -> Result<(), ConnectError> {
         let now = self.now();
+        if self.kind == TransportKind::Udp
+            && now.saturating_sub(self.last_addr_check) >= Duration::from_secs(1)
+        {
+            self.last_addr_check = now;
+            if let Some(Transport::Udp(s)) = &self.transport {
+                if s.local_addr().is_ok_and(|a| !address_is_local(a.ip())) {
+                    self.roam = true;
+                }
+            }
+        }
+        if std::mem::take(&mut self.roam) && (self.ever_configured || self.core.is_established()) {
+            // Roaming: the socket's source address is no longer the laptop's. A new
+            // socket (the kernel picks the current address) and at once a fresh
+            // handshake with RESUME: the gateway moves the session to the new address
+            // with the same lease, the flows survive (docs/client.md, Roaming).
+            println!("the local address changed: resuming from the new one");
+            let _ = std::io::stdout().flush();
+            tracing::info!("local address gone: new socket, resuming");
+            self.transport = None;
+            self.core.reset();
+            self.next_attempt = None;
+            self.start_handshake()?;
+        }
+        let now = self.now();
         match self.core.poll(now, &mut self.tx)? {
             Timer::Idle => {}
             Timer::Send(n) => self.send(n),
@@ -774,6 +806,26 @@ impl Run {
 
 /// Do two leases configure the TUN the same way (addresses, MTU, routes, DNS)? The
 /// lease id and expiry may differ after a fresh handshake.
+/// Whether `ip` is still one of this host's addresses: binding a new socket to it
+/// fails with EADDRNOTAVAIL once it left (the unspecified address always is).
+fn address_is_local(ip: IpAddr) -> bool {
+    if ip.is_unspecified() {
+        return true;
+    }
+    match UdpSocket::bind((ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::EADDRNOTAVAIL),
+    }
+}
+
+/// A send error that means the socket's bound source address left the host.
+fn local_address_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EADDRNOTAVAIL)
+    )
+}
+
 fn same_config(a: &Lease, b: &Lease) -> bool {
     a.ipv4 == b.ipv4 && a.ipv6 == b.ipv6 && a.mtu == b.mtu && a.routes == b.routes && a.dns == b.dns
 }

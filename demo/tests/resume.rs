@@ -181,3 +181,48 @@ fn a_download_survives_a_restart_of_vpnshare_connect() {
     );
     assert!(gw_out.contains("resumed=true"), "{gw_out}");
 }
+
+#[test]
+fn a_download_survives_roaming_to_a_new_laptop_address() {
+    let Some(_) = ready() else { return };
+    let new_ip = "192.168.50.77";
+    let (client_out, gw_out) = download_across("resume-roam", |ctx| {
+        // A second address on lan0, then the first removed (promote_secondaries keeps
+        // the new one): the client's UDP socket loses its source address.
+        let script = format!(
+            "set -e; sysctl -qw net.ipv4.conf.lan0.promote_secondaries=1; \
+             old=$(ip -o -4 addr show dev lan0 | awk 'NR==1{{print $4}}'); \
+             ip addr add {new_ip}/24 dev lan0; ip addr del \"$old\" dev lan0; \
+             ip -o -4 addr show dev lan0"
+        );
+        let out = ctx
+            .tb
+            .run_in(
+                Node::Laptop,
+                Command::new("sh")
+                    .args(["-c", &script])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped()),
+            )
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains(new_ip), "{text}");
+        let c = ctx.client.as_mut().unwrap();
+        c.wait_line("the local address changed", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.output()));
+        c.wait_line("reconnected: same lease", T)
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.output()));
+    });
+    assert!(
+        client_out.contains("reconnected: same lease"),
+        "{client_out}"
+    );
+    assert!(
+        gw_out.contains(&format!("source={new_ip}:")),
+        "the session moved to the new address: {gw_out}"
+    );
+    assert!(gw_out.contains("resumed=true"), "{gw_out}");
+}
