@@ -14,10 +14,12 @@ use vshp::record::{self, Capabilities, HEADER_LEN, MAX_RECORD_LEN, Record, Sessi
 use vshp::transport::{Session, TransportMode};
 use vshp::{ErrorReason, Message, MessageReader, MessageWriter, PairingCode, StaticKeypair};
 
-/// A PING goes out after this much time without one.
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// Nothing received for this long: the gateway is considered gone.
-pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+/// A PING goes out after this much time without one (every PONG refreshes `last_rx`,
+/// so an idle session hears from the gateway at least this often).
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Nothing received for this long (four PINGs unanswered): the gateway is considered
+/// gone; the client reconnects with RESUME (docs/resume.md).
+pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// A handshake without an answer for this long is retried.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest record sent on a datagram transport: an Ethernet MTU minus IPv4 and UDP

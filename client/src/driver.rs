@@ -776,7 +776,11 @@ impl Run {
                 if self.waiting_approval {
                     self.core.mark_alive(now);
                 } else {
-                    self.schedule_reconnect("no answer from the gateway for 30 s");
+                    let why = format!(
+                        "no answer from the gateway for {} s",
+                        crate::core::DEAD_AFTER.as_secs()
+                    );
+                    self.schedule_reconnect(&why);
                 }
             }
         }
