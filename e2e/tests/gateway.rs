@@ -373,7 +373,9 @@ impl Link {
             Link::Tcp { stream, buf, have } => loop {
                 // Whole records first.
                 let mut start = 0;
-                while *have - start >= 2 {
+                // At most `max` records: the rest stay for the next call (a TICKET
+                // often arrives in the same read as the CONFIG before it).
+                while n_rec < max && *have - start >= 2 {
                     let len = usize::from(u16::from_be_bytes([buf[start], buf[start + 1]]));
                     if *have - start < 2 + len {
                         break;
