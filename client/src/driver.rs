@@ -848,3 +848,21 @@ fn set_nonblocking(fd: &OwnedFd) -> Result<(), ConnectError> {
     .map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roaming_is_seen_when_the_source_address_is_no_longer_local() {
+        // Loopback and the unspecified address are this host's; a TEST-NET-1 address
+        // (RFC 5737) is on no interface of a test machine.
+        assert!(address_is_local(IpAddr::from([127, 0, 0, 1])));
+        assert!(address_is_local(IpAddr::from([0, 0, 0, 0])));
+        assert!(!address_is_local(IpAddr::from([192, 0, 2, 123])));
+        let gone = std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        assert!(local_address_gone(&gone));
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert!(!local_address_gone(&refused));
+    }
+}
