@@ -148,6 +148,8 @@ struct Worker {
     peer: Option<[u8; 32]>,
     /// The handshake waiting for a pairing approval.
     pending: Option<HandshakeId>,
+    /// The device name and platform of the last `Finished` (AUTH's claim).
+    device: (Option<String>, Option<String>),
     lease: Option<Lease>,
     counters: WorkerCounters,
     kill_at: Option<Instant>,
@@ -881,6 +883,7 @@ impl Gateway {
             show_limit: Bucket::full(PER_WORKER_HANDSHAKE_RATE, self.elapsed()),
             peer: None,
             pending: None,
+            device: (None, None),
             lease: None,
             counters: WorkerCounters::default(),
             kill_at: None,
@@ -943,13 +946,23 @@ impl Gateway {
                 peer,
                 handshake_hash,
                 ticket,
-            } => self.on_finished(
-                session,
-                handshake,
-                peer.0,
-                handshake_hash,
-                ticket.as_ref().map(|t| t.as_slice()),
-            ),
+                device_name,
+                platform,
+            } => {
+                if let Some(w) = self.workers.get_mut(&session) {
+                    w.device = (
+                        device_name.map(|n| n.as_str().to_owned()),
+                        platform.map(|p| p.as_str().to_owned()),
+                    );
+                }
+                self.on_finished(
+                    session,
+                    handshake,
+                    peer.0,
+                    handshake_hash,
+                    ticket.as_ref().map(|t| t.as_slice()),
+                )
+            }
             WorkerToBroker::SealTicket { request } => {
                 let ticket = self
                     .workers
@@ -1080,12 +1093,26 @@ impl Gateway {
                 self.decide(session, handshake, Decision::Refuse(refusal));
             }
             crate::policy::Verdict::Pair => {
-                match self.pairing.request(peer, &hash, session, now_unix()) {
+                let (device_name, platform) = self
+                    .workers
+                    .get(&session)
+                    .map(|w| w.device.clone())
+                    .unwrap_or_default();
+                match self.pairing.request_labelled(
+                    peer,
+                    &hash,
+                    session,
+                    now_unix(),
+                    device_name,
+                    platform,
+                ) {
                     Ok(req) => {
-                        info!(session, code = %req.code, key = %key_hex, "pairing request: approve with `vpnshare pairing approve {}`", req.code);
+                        info!(session, code = %req.code, key = %key_hex, device = %req.describe(), "pairing request: approve with `vpnshare pairing approve {}`", req.code);
                         eprintln!(
-                            "pairing request from {key_hex}: code {} — compare with the device, then `vpnshare pairing approve {}`",
-                            req.code, req.code
+                            "pairing request from {} ({key_hex}): code {} — compare with the device, then `vpnshare pairing approve {}`",
+                            req.describe(),
+                            req.code,
+                            req.code
                         );
                         self.audit.record(
                             "pairing_requested",
@@ -1567,6 +1594,14 @@ impl Gateway {
                                 code: BoundedString::new(r.code.clone()).ok()?,
                                 key: PeerKey(r.key),
                                 requested_at_unix: r.requested_at_unix,
+                                device_name: r
+                                    .device_name
+                                    .clone()
+                                    .and_then(|n| BoundedString::new(n).ok()),
+                                platform: r
+                                    .platform
+                                    .clone()
+                                    .and_then(|p| BoundedString::new(p).ok()),
                             })
                         })
                         .collect(),
@@ -1578,7 +1613,13 @@ impl Gateway {
                     Ok(req) => {
                         if let Err(e) = self
                             .db
-                            .add(req.key, None, now)
+                            .add_paired(
+                                req.key,
+                                req.device_name.as_deref(),
+                                req.platform.as_deref(),
+                                req.requested_at_unix,
+                                now,
+                            )
                             .and_then(|()| self.db.save(&self.cfg.state_dir))
                         {
                             return control_error(ControlErrorKind::Internal, &e.to_string());

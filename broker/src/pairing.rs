@@ -16,6 +16,20 @@ pub struct PairingRequest {
     /// The worker session waiting for the decision.
     pub session: u64,
     pub requested_at_unix: u64,
+    /// What the device's AUTH claimed (labels for the user, never for a decision).
+    pub device_name: Option<String>,
+    pub platform: Option<String>,
+}
+
+impl PairingRequest {
+    /// "laptop (Linux)", "laptop", "unnamed device (Linux)" or "unnamed device".
+    pub fn describe(&self) -> String {
+        let name = self.device_name.as_deref().unwrap_or("unnamed device");
+        match &self.platform {
+            Some(p) => format!("{name} ({p})"),
+            None => name.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +55,19 @@ impl PairingRequests {
         session: u64,
         now_unix: u64,
     ) -> Result<PairingRequest, PairingError> {
+        self.request_labelled(key, handshake_hash, session, now_unix, None, None)
+    }
+
+    /// [`request`](Self::request) with the device name and platform of the AUTH.
+    pub fn request_labelled(
+        &mut self,
+        key: [u8; 32],
+        handshake_hash: &[u8; 32],
+        session: u64,
+        now_unix: u64,
+        device_name: Option<String>,
+        platform: Option<String>,
+    ) -> Result<PairingRequest, PairingError> {
         self.expire(now_unix);
         self.pending.retain(|r| r.key != key);
         if self.pending.len() >= MAX_PENDING {
@@ -51,6 +78,8 @@ impl PairingRequests {
             key,
             session,
             requested_at_unix: now_unix,
+            device_name,
+            platform,
         };
         self.pending.push(req.clone());
         Ok(req)
@@ -145,5 +174,24 @@ mod tests {
         p.request([0xee; 32], &[0xee; 32], 99, PAIRING_TTL_SECS + 1)
             .unwrap();
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn requests_carry_the_device_name_and_platform() {
+        let mut p = PairingRequests::default();
+        let r = p
+            .request_labelled(
+                [1; 32],
+                &[7; 32],
+                1,
+                0,
+                Some("laptop".into()),
+                Some("Linux".into()),
+            )
+            .unwrap();
+        assert_eq!(r.describe(), "laptop (Linux)");
+        assert_eq!(p.list()[0].device_name.as_deref(), Some("laptop"));
+        let r = p.request([2; 32], &[8; 32], 2, 0).unwrap();
+        assert_eq!(r.describe(), "unnamed device");
     }
 }

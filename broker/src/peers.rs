@@ -241,6 +241,15 @@ impl PeerDb {
         requested_at_unix: u64,
         now_unix: u64,
     ) -> Result<(), PeerDbError> {
+        // The name is the device's own claim: used when it is valid and free, else the
+        // peer is trusted unnamed (the user can name it with `peers add` later).
+        let name = name.filter(|n| {
+            valid_name(n)
+                && !self
+                    .peers
+                    .iter()
+                    .any(|p| p.key != key && p.name.as_deref() == Some(*n))
+        });
         self.add(key, name, now_unix)?;
         if let Some(p) = self.peers.iter_mut().find(|p| p.key == key) {
             if let Some(pl) = platform.and_then(clean_platform) {

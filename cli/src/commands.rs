@@ -296,12 +296,22 @@ pub fn pairing(state_dir: Option<PathBuf>, args: &[String]) -> CmdResult {
     let reply = online(&dir, &req)?.ok_or_else(|| no_gateway(&dir))?;
     match reply {
         ControlReply::Pairings(list) => {
+            let now = now_unix();
             for p in list.as_slice() {
+                // CODE KEY NAME (PLATFORM), AGE: the code first, to copy into `approve`.
+                let name = p
+                    .device_name
+                    .as_ref()
+                    .map_or("unnamed device", |n| n.as_str());
+                let platform = p
+                    .platform
+                    .as_ref()
+                    .map_or(String::new(), |pl| format!(" ({})", pl.as_str()));
                 println!(
-                    "{} {} requested_at={}",
+                    "{} {} {name}{platform}, requested {} s ago",
                     p.code,
                     hex::encode(p.key.0),
-                    p.requested_at_unix
+                    now.saturating_sub(p.requested_at_unix)
                 );
             }
             Ok(())

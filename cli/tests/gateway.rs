@@ -610,6 +610,7 @@ fn tcp_client_of_an_unknown_peer_waits_for_approval_then_gets_config() {
         list.starts_with(&format!("{code} {}", hex::encode(me.public_key()))),
         "{list}"
     );
+    assert!(list.contains("test-laptop (Linux), requested "), "{list}");
     assert_eq!(gw.status()["pending_pairings"], 1);
     ok(&gw.cli(&["pairing", "approve", &code]));
     let Outcome::Config(lease) = c.outcome() else {
@@ -619,7 +620,7 @@ fn tcp_client_of_an_unknown_peer_waits_for_approval_then_gets_config() {
     let peers = ok(&gw.cli(&["peers", "list"]));
     assert!(
         peers.contains(&format!(
-            "{} - trusted connected",
+            "{} test-laptop trusted connected",
             hex::encode(me.public_key())
         )),
         "{peers}"

@@ -288,12 +288,16 @@ pub mod samples {
                 peer: PeerKey([1; 32]),
                 handshake_hash: [2; 32],
                 ticket: None,
+                device_name: None,
+                platform: None,
             },
             WorkerToBroker::Finished {
                 handshake: h,
                 peer: PeerKey([1; 32]),
                 handshake_hash: [2; 32],
                 ticket: Some(ticket()),
+                device_name: Some(BoundedString::new("laptop").unwrap_or_default()),
+                platform: Some(BoundedString::new("Linux").unwrap_or_default()),
             },
             WorkerToBroker::SealTicket {
                 request: RequestId(4),
@@ -440,6 +444,8 @@ pub mod samples {
                     code: BoundedString::new("ABC-123").unwrap_or_default(),
                     key: PeerKey([5; 32]),
                     requested_at_unix: 1_800_000_000,
+                    device_name: Some(BoundedString::new("laptop").unwrap_or_default()),
+                    platform: Some(BoundedString::new("Linux").unwrap_or_default()),
                 }])
                 .unwrap_or_default(),
             ),

@@ -90,6 +90,8 @@ fn largest_valid_messages_fit_their_limits() {
             peer: key,
             handshake_hash: [0xff; 32],
             ticket: Some(BoundedBytes::new(vec![0; MAX_TICKET_LEN]).unwrap()),
+            device_name: Some(s()),
+            platform: Some(s()),
         },
     ]);
     fits::<bn::BrokerEnd>(&[BrokerToNetstack::LeaseAdded {
@@ -129,6 +131,8 @@ fn largest_valid_messages_fit_their_limits() {
         code: s(),
         key,
         requested_at_unix: u64::MAX,
+        device_name: Some(s()),
+        platform: Some(s()),
     };
     fits::<control::BrokerEnd>(&[
         ControlReply::Peers(BoundedVec::new(vec![peer; MAX_LISTED]).unwrap()),

@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use ipc_schema::PacketBatch;
 use ipc_schema::messages::broker_worker::{
-    BrokerToWorker, Decision, HandshakeId, Refusal, SealedTicket, SessionEnd, WorkerToBroker,
+    BrokerToWorker, Decision, DeviceLabel, HandshakeId, Refusal, SealedTicket, SessionEnd,
+    WorkerToBroker,
 };
 use ipc_schema::messages::common::{PeerKey, RequestId, ShutdownReason};
 use vshp::OracleError;
@@ -275,6 +276,8 @@ pub struct WorkerCore {
     pending_pong: Option<Keepalive>,
     /// A RESUME ticket from an INIT payload (IK), until the handshake finishes.
     pending_ticket: Option<SealedTicket>,
+    /// The device name and platform of the peer's AUTH, for `Finished`.
+    peer_auth: (Option<DeviceLabel>, Option<DeviceLabel>),
     window_start: Duration,
     window_handshakes: u64,
     data_path: bool,
@@ -351,6 +354,7 @@ impl WorkerCore {
             payload: vec![0u8; MAX_RECORD_LEN],
             pending_pong: None,
             pending_ticket: None,
+            peer_auth: (None, None),
             window_start: now,
             window_handshakes: 0,
             data_path: true,
@@ -668,6 +672,22 @@ impl WorkerCore {
                     platform,
                 } if encrypted => {
                     tracing::info!(device = device_name, ?platform, "peer AUTH");
+                    // Labels for the pairing prompt; a name that is too long or has
+                    // control characters is cut or dropped, never an error.
+                    let name: String = device_name
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .scan(0usize, |len, c| {
+                            *len += c.len_utf8();
+                            (*len <= ipc_schema::limits::MAX_NAME_LEN).then_some(c)
+                        })
+                        .collect();
+                    self.peer_auth = (
+                        DeviceLabel::new(name)
+                            .ok()
+                            .filter(|n| !n.as_str().is_empty()),
+                        DeviceLabel::new(platform_label(platform)).ok(),
+                    );
                 }
                 Message::Resume { ticket: t } if encrypted => {
                     ticket =
@@ -738,11 +758,14 @@ impl WorkerCore {
         self.last_rx = now;
         // Until the broker decides again, nothing is forwarded.
         self.phase = Phase::AwaitDecision;
+        let (device_name, platform) = std::mem::take(&mut self.peer_auth);
         self.to_broker.push(WorkerToBroker::Finished {
             handshake: id,
             peer: PeerKey(est.remote_static),
             handshake_hash: est.handshake_hash,
             ticket,
+            device_name,
+            platform,
         });
         Ok(())
     }
@@ -1036,5 +1059,18 @@ impl WorkerCore {
                 }
             }
         }
+    }
+}
+
+/// The platform of an AUTH as shown to the user.
+fn platform_label(p: vshp::message::Platform) -> String {
+    use vshp::message::Platform;
+    match p {
+        Platform::Linux => "Linux".into(),
+        Platform::Android => "Android".into(),
+        Platform::MacOs => "macOS".into(),
+        Platform::Windows => "Windows".into(),
+        Platform::Ios => "iOS".into(),
+        Platform::Other(n) => format!("other ({n})"),
     }
 }

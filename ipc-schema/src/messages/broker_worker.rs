@@ -10,9 +10,12 @@
 use serde::{Deserialize, Serialize};
 use vshp::lease::{Lease, LeaseId};
 
-use crate::bounded::BoundedBytes;
+use crate::bounded::{BoundedBytes, BoundedString};
 use crate::codec::{InvalidMessage, Message};
-use crate::limits::{MAX_FRAME_BROKER_WORKER, MAX_HANDSHAKE_MSG, MAX_TICKET_LEN};
+use crate::limits::{MAX_FRAME_BROKER_WORKER, MAX_HANDSHAKE_MSG, MAX_NAME_LEN, MAX_TICKET_LEN};
+
+/// A device name or platform as the peer's AUTH gave it (at most `MAX_NAME_LEN` bytes).
+pub type DeviceLabel = BoundedString<MAX_NAME_LEN>;
 use crate::messages::channel_ends;
 use crate::messages::common::{PeerKey, RequestId, ShutdownReason};
 use crate::oracle::{DhOp, HandshakePattern, OracleRefusal};
@@ -114,11 +117,16 @@ pub enum WorkerToBroker {
     },
     /// "Peer X finished a handshake: decide." `handshake_hash` derives the pairing code;
     /// `ticket` is a resume ticket the client presented inside the handshake, if any.
+    /// `device_name` and `platform` are what the peer's AUTH claimed (shown with a
+    /// pairing request; unauthenticated labels, never used for a decision), `None` when
+    /// it sent no AUTH.
     Finished {
         handshake: HandshakeId,
         peer: PeerKey,
         handshake_hash: [u8; 32],
         ticket: Option<SealedTicket>,
+        device_name: Option<DeviceLabel>,
+        platform: Option<DeviceLabel>,
     },
     /// Seal a resume ticket for the current session's lease.
     SealTicket {

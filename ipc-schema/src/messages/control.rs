@@ -92,6 +92,9 @@ pub struct PairingInfo {
     pub code: PairingCode,
     pub key: PeerKey,
     pub requested_at_unix: u64,
+    /// The device name and platform the peer's AUTH claimed, if any.
+    pub device_name: Option<BoundedString<MAX_NAME_LEN>>,
+    pub platform: Option<BoundedString<MAX_NAME_LEN>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
