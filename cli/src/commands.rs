@@ -126,6 +126,16 @@ pub fn gateway(
     } else {
         None
     };
+    // On a terminal, ask about each pairing request here too (a thread that talks to
+    // the broker through its control socket; the broker's loop never waits for it).
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        if let Err(e) = crate::approve::spawn(started.control_socket.parent().map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        )) {
+            eprintln!("vpnshare: no interactive approval: {e}");
+        }
+    }
     gw.run(&|| STOP.load(Ordering::SeqCst))
         .map_err(|e| e.to_string())
 }

@@ -100,22 +100,30 @@ impl Gateway {
     }
 
     fn start_with(tag: &str, egress: &str) -> Self {
+        Self::start_full(tag, egress, None)
+    }
+
+    /// `stdin`: the gateway's standard input (a terminal for the interactive prompt);
+    /// inherited when `None`.
+    fn start_full(tag: &str, egress: &str, stdin: Option<Stdio>) -> Self {
         let dir = temp_dir(tag);
-        let mut child = Command::new(BIN)
-            .args([
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--egress",
-                egress,
-                "--state-dir",
-            ])
-            .arg(&dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--egress",
+            egress,
+            "--state-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some(i) = stdin {
+            cmd.stdin(i);
+        }
+        let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let l = log.clone();
@@ -635,6 +643,74 @@ fn tcp_client_of_an_unknown_peer_waits_for_approval_then_gets_config() {
             "{want} missing from {names:?}"
         );
     }
+}
+
+/// A pseudo-terminal: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt has no memory arguments; the result is checked.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(master >= 0, "posix_openpt failed");
+    // SAFETY: `master` is a descriptor we own and nothing else wraps yet.
+    let master_file = unsafe { std::fs::File::from_raw_fd(master) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `master` is an open pty master; `name` is a writable buffer of the length
+    // passed, which ptsname_r NUL-terminates on success.
+    let ok = unsafe {
+        libc::grantpt(master) == 0
+            && libc::unlockpt(master) == 0
+            && libc::ptsname_r(master, name.as_mut_ptr(), name.len()) == 0
+    };
+    assert!(ok, "grantpt/unlockpt/ptsname_r failed");
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    (master_file, slave)
+}
+
+#[test]
+fn a_pairing_request_is_approved_at_the_gateway_terminal() {
+    let (mut master, slave) = pty();
+    let gw = Gateway::start_full("tty", "any", Some(Stdio::from(slave)));
+    let me = StaticKeypair::generate().unwrap();
+    let r = Client::handshake(Link::tcp(gw.addr), &me, None);
+    if worker_binary().is_none() {
+        return expect_no_worker(&gw, r);
+    }
+    let mut c = r.unwrap_or_else(|e| panic!("ERROR {e:?}\n{}", gw.log()));
+    assert!(
+        matches!(c.outcome(), Outcome::Error(ErrorReason::PendingApproval)),
+        "{}",
+        gw.log()
+    );
+    let code = c.est.pairing_code().to_string();
+    // The broker announces the request; the answer typed now waits in the terminal
+    // until the prompt thread asks (within a second) and reads it.
+    wait_for("the request line", || {
+        gw.log()
+            .contains("pairing request from test-laptop (Linux)")
+            .then_some(())
+    });
+    master.write_all(b"y\n").unwrap();
+    let Outcome::Config(_) = c.outcome() else {
+        panic!("no CONFIG after approval at the terminal\n{}", gw.log())
+    };
+    // The prompt has no newline of its own (log lines may follow it on its line).
+    let prompt = format!("Approve test-laptop (Linux), code {code}? [y/N] ");
+    let approved = format!("vpnshare: approved {code}");
+    wait_for("the prompt and the approval", || {
+        let log = gw.log();
+        (log.contains(&prompt) && log.contains(&approved)).then_some(())
+    });
+    let peers = ok(&gw.cli(&["peers", "list"]));
+    assert!(peers.contains("test-laptop trusted"), "{peers}");
 }
 
 #[test]
