@@ -6,24 +6,15 @@
 //! Needs root, /dev/net/tun and the workspace's binaries; otherwise SKIPPED.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::path::PathBuf;
+mod common;
+use common::ready;
+
 use std::process::Command;
 use std::time::Duration;
 
 use demo::{Proc, Stack};
 use nix::sys::signal::Signal;
 use testbed::Node;
-
-fn ready() -> Option<PathBuf> {
-    let bins = demo::bin_dir()?;
-    let missing = demo::missing(&bins);
-    if missing.is_empty() {
-        Some(bins)
-    } else {
-        eprintln!("SKIPPED: needs {}", missing.join(", "));
-        None
-    }
-}
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().unwrap();

@@ -8,7 +8,9 @@
 //! SKIPPED and passes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::path::PathBuf;
+mod common;
+use common::{ready, trusted_stack};
+
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -20,35 +22,6 @@ use testbed::{Node, client};
 /// Generous: the transfer waits for reconnections (backoff) and TCP retransmissions.
 const T: Duration = Duration::from_secs(240);
 const PAUSE_AT: u64 = 5 * 1024 * 1024;
-
-fn ready() -> Option<PathBuf> {
-    let bins = demo::bin_dir()?;
-    let missing = demo::missing(&bins);
-    if missing.is_empty() {
-        Some(bins)
-    } else {
-        eprintln!("SKIPPED: needs {}", missing.join(", "));
-        None
-    }
-}
-
-fn trusted_stack(tag: &str, file_mb: usize) -> Stack {
-    let bins = demo::bin_dir().unwrap();
-    let s = Stack::start(&bins, tag, file_mb).unwrap();
-    let key = s.laptop_key().unwrap();
-    let dir = s.gw_dir.to_string_lossy().into_owned();
-    s.vpnshare(&[
-        "peers",
-        "--state-dir",
-        &dir,
-        "add",
-        &key,
-        "--name",
-        "laptop",
-    ])
-    .unwrap();
-    s
-}
 
 /// What `event` may touch while the download runs.
 struct Ctx<'a> {

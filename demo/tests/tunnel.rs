@@ -6,9 +6,11 @@
 //! --workspace` builds them); otherwise each test says SKIPPED and passes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
+mod common;
+use common::{ready, trusted_stack};
+
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,36 +19,6 @@ use nix::sys::signal::Signal;
 use testbed::client::{self, DnsType};
 
 const T: Duration = Duration::from_secs(60);
-
-fn ready() -> Option<PathBuf> {
-    let bins = demo::bin_dir()?;
-    let missing = demo::missing(&bins);
-    if missing.is_empty() {
-        Some(bins)
-    } else {
-        eprintln!("SKIPPED: needs {}", missing.join(", "));
-        None
-    }
-}
-
-/// A stack whose laptop key is already trusted (no pairing step).
-fn trusted_stack(tag: &str, file_mb: usize) -> Stack {
-    let bins = demo::bin_dir().unwrap();
-    let s = Stack::start(&bins, tag, file_mb).unwrap();
-    let key = s.laptop_key().unwrap();
-    let dir = s.gw_dir.to_string_lossy().into_owned();
-    s.vpnshare(&[
-        "peers",
-        "--state-dir",
-        &dir,
-        "add",
-        &key,
-        "--name",
-        "laptop",
-    ])
-    .unwrap();
-    s
-}
 
 fn dns_server() -> SocketAddr {
     "100.64.0.1:53".parse().unwrap()
