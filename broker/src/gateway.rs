@@ -106,6 +106,8 @@ pub struct GatewayConfig {
     pub worker_exe: Option<PathBuf>,
     /// The netstack binary (`vpnshare-netstack`); absent: forwarding is unavailable.
     pub netstack_exe: Option<PathBuf>,
+    /// How long a pairing request waits for the user's decision (`--pairing-timeout`).
+    pub pairing_timeout_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -312,7 +314,7 @@ impl Gateway {
             gateway_key,
             db,
             pool: LeasePool::new((random_u64() >> 16).max(1)),
-            pairing: PairingRequests::default(),
+            pairing: PairingRequests::with_ttl(cfg.pairing_timeout_secs),
             sealer,
             audit,
             udp,
@@ -649,7 +651,7 @@ impl Gateway {
                     ("key", Value::from(peer_hex(&r.key))),
                 ],
             );
-            self.refuse_waiting(r.session, Refusal::NotApproved);
+            self.refuse_waiting(r.session, Refusal::PairingExpired);
         }
         Ok(())
     }
@@ -1191,18 +1193,36 @@ impl Gateway {
             self.end_session(id, ShutdownReason::SessionEnded, false);
         }
         let now = now_unix();
-        let resumed = ticket.and_then(|t| match self.sealer.open(t, &peer, now) {
-            // The lease parked since the peer's last session ended (flows kept), or,
-            // if none is (e.g. the gateway restarted), the ticket's addresses if free.
-            Ok(opened) => self
-                .parked
-                .resume(&peer, opened.lease.id)
-                .or_else(|| self.pool.reclaim(peer, &opened.lease, now).ok()),
-            Err(e) => {
-                info!(error = %e, "resume ticket refused: full handshake lease");
-                None
-            }
-        });
+        // The lease parked since the peer's last session ended (flows kept), or, if
+        // none is, the ticket's addresses if free. A ticket that gets nothing back is
+        // refused with BadTicket: the client drops it and connects again without one
+        // (docs/resume.md), knowing its old connections are gone.
+        let resumed = match ticket {
+            None => None,
+            Some(t) => match crate::grace::redeem(
+                &mut self.sealer,
+                &mut self.parked,
+                &mut self.pool,
+                peer,
+                t,
+                now,
+            ) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    info!(session, error = %e, "resume ticket refused: BadTicket");
+                    self.audit.record(
+                        "peer_refused",
+                        &[
+                            ("key", Value::from(key_hex)),
+                            ("reason", Value::from(refusal_name(Refusal::BadTicket))),
+                            ("detail", Value::from(e.to_string())),
+                        ],
+                    );
+                    self.decide(session, handshake, Decision::Refuse(Refusal::BadTicket));
+                    return;
+                }
+            },
+        };
         if resumed.is_none() {
             // A full handshake: a lease kept for this peer is not coming back.
             if let Some(l) = self.parked.take(&peer) {
@@ -1778,6 +1798,8 @@ fn refusal_name(r: Refusal) -> &'static str {
         Refusal::VpnUnavailable => "vpn_unavailable",
         Refusal::Overload => "overload",
         Refusal::PairingDenied => "pairing_denied",
+        Refusal::PairingExpired => "pairing_expired",
+        Refusal::BadTicket => "bad_ticket",
     }
 }
 

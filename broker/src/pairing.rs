@@ -1,5 +1,6 @@
 //! `PairingRequests`: unknown peers waiting for the user's approval (domain model:
-//! `PairingRequest`). At most [`MAX_PENDING`] at a time, each for [`PAIRING_TTL_SECS`].
+//! `PairingRequest`). At most [`MAX_PENDING`] at a time, each for [`PAIRING_TTL_SECS`]
+//! unless the gateway was started with another `--pairing-timeout`.
 
 use vshp::pairing::PairingCode;
 
@@ -40,12 +41,27 @@ pub enum PairingError {
     NoSuchCode,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PairingRequests {
     pending: Vec<PairingRequest>,
+    ttl_secs: u64,
+}
+
+impl Default for PairingRequests {
+    fn default() -> Self {
+        Self::with_ttl(PAIRING_TTL_SECS)
+    }
 }
 
 impl PairingRequests {
+    /// Requests expire `ttl_secs` (at least 1) after they were made.
+    pub fn with_ttl(ttl_secs: u64) -> Self {
+        Self {
+            pending: Vec::new(),
+            ttl_secs: ttl_secs.max(1),
+        }
+    }
+
     /// Records a request from `key` whose handshake produced `handshake_hash`. A newer
     /// request of the same key replaces the older one. Returns the code.
     pub fn request(
@@ -89,7 +105,7 @@ impl PairingRequests {
     pub fn expire(&mut self, now_unix: u64) -> Vec<PairingRequest> {
         let (gone, keep) = std::mem::take(&mut self.pending)
             .into_iter()
-            .partition(|r| now_unix >= r.requested_at_unix.saturating_add(PAIRING_TTL_SECS));
+            .partition(|r| now_unix >= r.requested_at_unix.saturating_add(self.ttl_secs));
         self.pending = keep;
         gone
     }
@@ -153,6 +169,18 @@ mod tests {
             p.take(&r.code, 100 + PAIRING_TTL_SECS),
             Err(PairingError::NoSuchCode)
         );
+    }
+
+    #[test]
+    fn a_configured_timeout_replaces_the_default() {
+        let mut p = PairingRequests::with_ttl(5);
+        let r = p.request([1; 32], &[7; 32], 1, 100).unwrap();
+        assert!(p.expire(104).is_empty());
+        assert_eq!(p.expire(105), vec![r]);
+        // Zero would expire a request before anyone could read its code.
+        let mut p = PairingRequests::with_ttl(0);
+        p.request([1; 32], &[7; 32], 1, 100).unwrap();
+        assert!(p.expire(100).is_empty());
     }
 
     #[test]

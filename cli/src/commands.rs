@@ -50,13 +50,27 @@ fn init_logging() {
         .try_init();
 }
 
-pub fn gateway(
-    listen: &str,
-    state_dir: Option<PathBuf>,
-    egress: &str,
-    mdns: bool,
-    mdns_name: Option<String>,
-) -> CmdResult {
+/// The options of `vpnshare gateway`.
+#[derive(Debug)]
+pub struct GatewayArgs {
+    pub listen: String,
+    pub state_dir: Option<PathBuf>,
+    pub egress: String,
+    pub mdns: bool,
+    pub mdns_name: Option<String>,
+    pub pairing_timeout_secs: u64,
+}
+
+pub fn gateway(args: GatewayArgs) -> CmdResult {
+    let GatewayArgs {
+        listen,
+        state_dir,
+        egress,
+        mdns,
+        mdns_name,
+        pairing_timeout_secs,
+    } = args;
+    let (listen, egress) = (listen.as_str(), egress.as_str());
     let listen: SocketAddr = listen
         .parse()
         .map_err(|_| format!("--listen {listen:?} is not ADDR:PORT (e.g. 0.0.0.0:7400)"))?;
@@ -74,6 +88,7 @@ pub fn gateway(
         egress,
         worker_exe: broker::sibling_binary(broker::WORKER_ENV, broker::WORKER_BIN),
         netstack_exe: broker::sibling_binary(broker::NETSTACK_ENV, broker::NETSTACK_BIN),
+        pairing_timeout_secs,
     };
     let (mut gw, started) = Gateway::start(cfg).map_err(|e| e.to_string())?;
     if egress == EgressPolicy::Any {

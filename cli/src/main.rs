@@ -41,6 +41,10 @@ enum Command {
         /// The mDNS instance name (default: this host's name).
         #[arg(long)]
         mdns_name: Option<String>,
+        /// Seconds a pairing request waits for approval before the device is told no.
+        #[arg(long, default_value_t = broker::pairing::PAIRING_TTL_SECS,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        pairing_timeout: u64,
     },
     /// Print this device's public key (created if absent) as the last line.
     Id {
@@ -118,7 +122,15 @@ fn main() -> ExitCode {
             egress,
             no_mdns,
             mdns_name,
-        } => commands::gateway(&listen, state_dir, &egress, !no_mdns, mdns_name),
+            pairing_timeout,
+        } => commands::gateway(commands::GatewayArgs {
+            listen,
+            state_dir,
+            egress,
+            mdns: !no_mdns,
+            mdns_name,
+            pairing_timeout_secs: pairing_timeout,
+        }),
         Command::Id { state_dir } => commands::id(state_dir),
         Command::Peers { state_dir, args } => commands::peers(state_dir, &args),
         Command::Pairing { state_dir, args } => commands::pairing(state_dir, &args),

@@ -235,6 +235,16 @@ pub fn temp_dir(tag: &str) -> Result<PathBuf, String> {
 impl Stack {
     /// Builds the testbed (an HTTP file of `file_mb` MiB) and starts the gateway.
     pub fn start(bins: &Path, tag: &str, file_mb: usize) -> Result<Self, String> {
+        Self::start_with(bins, tag, file_mb, &[])
+    }
+
+    /// [`start`](Self::start) with more `vpnshare gateway` options.
+    pub fn start_with(
+        bins: &Path,
+        tag: &str,
+        file_mb: usize,
+        gateway_args: &[&str],
+    ) -> Result<Self, String> {
         let tb = Testbed::builder()
             .http_file_mb(file_mb)
             .build()
@@ -254,6 +264,7 @@ impl Stack {
             "--state-dir",
         ])
         .arg(&gw_dir)
+        .args(gateway_args)
         .env("RUST_LOG", "info");
         let mut gateway = Proc::spawn(&tb, Node::Phone, &mut cmd)?;
         let invite = gateway

@@ -7,14 +7,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
-use common::{ready, trusted_stack};
+use common::{one_error_line, ready, spawn_in_laptop, trusted_stack, wait_restored};
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use demo::{Capture, Confinement, NetState, Stack};
+use demo::{Capture, Confinement, Stack};
 use nix::sys::signal::Signal;
 use testbed::client::{self, DnsType};
 
@@ -22,17 +22,6 @@ const T: Duration = Duration::from_secs(60);
 
 fn dns_server() -> SocketAddr {
     "100.64.0.1:53".parse().unwrap()
-}
-
-fn wait_restored(s: &Stack, before: &NetState) -> NetState {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = s.laptop_net().unwrap();
-        if &now == before || Instant::now() > end {
-            return now;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -283,28 +272,6 @@ fn after_the_gateway_loses_the_session_the_client_reconnects_with_the_same_lease
     assert_eq!(r.sha256, s.tb.file_sha256());
 }
 
-/// The client's single `vpnshare: ` line on stderr (it must exit by itself).
-fn one_error_line(s: &mut Stack) -> String {
-    let c = s.client.as_mut().unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
-    while c.child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < end,
-            "the client did not exit:\n{}",
-            c.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let out = c.output();
-    let lines: Vec<&str> = out
-        .lines()
-        .filter(|l| l.starts_with("vpnshare: "))
-        .collect();
-    assert_eq!(lines.len(), 1, "{out}");
-    lines[0].to_owned()
-}
-
 #[test]
 fn a_denied_pairing_ends_the_client_in_one_line_and_leaves_nothing_behind() {
     let Some(_) = ready() else { return };
@@ -365,10 +332,6 @@ fn a_revoked_client_exits_in_one_line_with_everything_restored() {
     let err = one_error_line(&mut s);
     assert!(err.contains("revoked this device"), "{err}");
     assert_eq!(wait_restored(&s, &before), before);
-}
-
-fn spawn_in_laptop(s: &Stack, cmd: &mut Command) -> demo::Proc {
-    demo::Proc::spawn(&s.tb, testbed::Node::Laptop, cmd).unwrap()
 }
 
 /// Not root: `vpnshare connect` as an ordinary user (65534) uses an installed helper's

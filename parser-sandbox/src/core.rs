@@ -319,12 +319,25 @@ fn random_index() -> SessionIndex {
     SessionIndex(1)
 }
 
+/// The ERROR's text for a refusal: the wire reason is coarse (an expired and a denied
+/// request are both "not approved"), the text tells the user which it was.
+fn refusal_detail(r: Refusal) -> &'static str {
+    match r {
+        Refusal::PairingDenied => "the gateway's user denied this device",
+        Refusal::PairingExpired => "nobody approved this device on the gateway in time",
+        other => refusal_reason(other).describe(),
+    }
+}
+
 fn refusal_reason(r: Refusal) -> ErrorReason {
     match r {
-        Refusal::NotApproved | Refusal::PairingDenied => ErrorReason::NotApproved,
+        Refusal::NotApproved | Refusal::PairingDenied | Refusal::PairingExpired => {
+            ErrorReason::NotApproved
+        }
         Refusal::Revoked => ErrorReason::Revoked,
         Refusal::VpnUnavailable => ErrorReason::VpnUnavailable,
         Refusal::Overload => ErrorReason::Overloaded,
+        Refusal::BadTicket => ErrorReason::BadTicket,
     }
 }
 
@@ -910,12 +923,21 @@ impl WorkerCore {
     }
 
     fn send_close(&mut self, error: Option<ErrorReason>, reason: CloseReason, now: Duration) {
+        self.send_close_with(error.map(|e| (e, e.describe())), reason, now);
+    }
+
+    fn send_close_with(
+        &mut self,
+        error: Option<(ErrorReason, &str)>,
+        reason: CloseReason,
+        now: Duration,
+    ) {
         if self.session.is_none() {
             return;
         }
         self.send_data(now, |w| {
-            if let Some(e) = error {
-                w.error(e, e.describe())?;
+            if let Some((e, detail)) = error {
+                w.error(e, detail)?;
             }
             w.close(reason)
         });
@@ -995,7 +1017,8 @@ impl WorkerCore {
             }
             Decision::Refuse(r) => {
                 tracing::info!(refusal = ?r, "peer refused");
-                self.send_close(Some(refusal_reason(*r)), CloseReason::Normal, now);
+                let error = (refusal_reason(*r), refusal_detail(*r));
+                self.send_close_with(Some(error), CloseReason::Normal, now);
                 self.end(Exit::Refused(*r));
             }
         }

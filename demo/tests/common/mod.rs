@@ -1,8 +1,10 @@
 //! Set-up shared by the demo crate's end-to-end tests.
 #![allow(clippy::unwrap_used, dead_code)] // test code; not every test file uses every helper
 
-use demo::Stack;
+use demo::{NetState, Stack};
 use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The directory of the workspace's binaries, or `None` (after printing SKIPPED) when
 /// this machine cannot run the tests: not root, no /dev/net/tun, a binary missing.
@@ -34,4 +36,44 @@ pub fn trusted_stack(tag: &str, file_mb: usize) -> Stack {
     ])
     .unwrap();
     s
+}
+
+/// Waits (up to 10 s) until the laptop's network state is `before` again; returns the
+/// last state seen.
+pub fn wait_restored(s: &Stack, before: &NetState) -> NetState {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = s.laptop_net().unwrap();
+        if &now == before || Instant::now() > end {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The client's single `vpnshare: ` line on stderr (it must exit by itself).
+pub fn one_error_line(s: &mut Stack) -> String {
+    let c = s.client.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "the client did not exit:\n{}",
+            c.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let out = c.output();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("vpnshare: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    lines[0].to_owned()
+}
+
+/// Spawns `cmd` in the testbed's laptop namespace.
+pub fn spawn_in_laptop(s: &Stack, cmd: &mut Command) -> demo::Proc {
+    demo::Proc::spawn(&s.tb, testbed::Node::Laptop, cmd).unwrap()
 }

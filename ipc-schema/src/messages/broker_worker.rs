@@ -164,6 +164,13 @@ pub enum Refusal {
     VpnUnavailable,
     Overload,
     PairingDenied,
+    /// The pairing request was neither approved nor denied in time.
+    PairingExpired,
+    /// The RESUME ticket presented inside the handshake gets nothing back: not sealed
+    /// by this gateway run (forged, or from before a restart: the ticket key is fresh
+    /// at every start), expired, another peer's, already redeemed, or its lease is gone.
+    /// The client drops the ticket and connects again without RESUME (`resume.md`).
+    BadTicket,
 }
 
 /// What opening a ticket gave.
