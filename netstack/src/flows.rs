@@ -4,7 +4,8 @@
 
 use crate::config::{Caps, Timeouts};
 use crate::counters::DropReason;
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 use vshp::lease::LeaseId;
@@ -62,6 +63,9 @@ struct LeaseFlows {
     tcp: HashSet<FlowId>,
     dgram: HashSet<FlowId>,
     usage: Usage,
+    /// Flows that stopped because the lease's outbound queue was full; they run
+    /// again when the caller drains it ([`FlowTable::unblock_lease`]).
+    blocked: Vec<FlowId>,
 }
 
 /// Why a flow's time is up.
@@ -80,16 +84,29 @@ struct Entry<T> {
     connect_deadline: Option<Instant>,
     last_active: Instant,
     buffer_bytes: usize,
+    /// In the run queue now.
+    queued: bool,
+    /// In its lease's blocked list now.
+    blocked: bool,
+    /// The earliest time the flow asked to run again (its entry in the timer heap;
+    /// later heap entries of the flow are stale and skipped).
+    timer: Option<Instant>,
     io: T,
 }
 
-/// The flows of every lease, indexed by key and by lease.
+/// The flows of every lease, indexed by key and by lease, and their schedule: a run
+/// queue of flows that have work (a packet arrived, an OS socket became ready, a
+/// drain made room) and a timer heap of flows that asked to run at a given time
+/// (smoltcp's `poll_at`). Only those flows are serviced, so thousands of idle flows
+/// cost nothing per packet of a busy one.
 #[derive(Debug)]
 pub(crate) struct FlowTable<T> {
     entries: HashMap<FlowId, Entry<T>>,
     index: HashMap<FlowKey, FlowId>,
     leases: HashMap<LeaseId, LeaseFlows>,
     next: FlowId,
+    run: Vec<FlowId>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
 }
 
 impl<T> Default for FlowTable<T> {
@@ -99,6 +116,8 @@ impl<T> Default for FlowTable<T> {
             index: HashMap::new(),
             leases: HashMap::new(),
             next: 1,
+            run: Vec::new(),
+            timers: BinaryHeap::new(),
         }
     }
 }
@@ -187,10 +206,112 @@ impl<T> FlowTable<T> {
                 connect_deadline: connect_deadline.filter(|_| key.is_tcp()),
                 last_active: now,
                 buffer_bytes: 0,
+                queued: false,
+                blocked: false,
+                timer: None,
                 io,
             },
         );
         id
+    }
+
+    // ------------------------------------------------------------ the schedule
+
+    /// Puts a flow in the run queue (once; unknown ids are ignored).
+    pub fn wake(&mut self, id: FlowId) {
+        if let Some(e) = self.entries.get_mut(&id)
+            && !e.queued
+        {
+            e.queued = true;
+            self.run.push(id);
+        }
+    }
+
+    /// Asks for the flow to run at `at` (or earlier, if it already asked for that).
+    pub fn set_timer(&mut self, id: FlowId, at: Instant) {
+        if let Some(e) = self.entries.get_mut(&id)
+            && e.timer.is_none_or(|t| at < t)
+        {
+            e.timer = Some(at);
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+
+    /// The flow waits for room in its lease's outbound queue.
+    pub fn block(&mut self, id: FlowId) {
+        if let Some(e) = self.entries.get_mut(&id)
+            && !e.blocked
+        {
+            e.blocked = true;
+            self.leases
+                .entry(e.key.lease())
+                .or_default()
+                .blocked
+                .push(id);
+        }
+    }
+
+    /// The lease's outbound queue has room again: its blocked flows run.
+    pub fn unblock_lease(&mut self, lease: LeaseId) {
+        let Some(lf) = self.leases.get_mut(&lease) else {
+            return;
+        };
+        let blocked = std::mem::take(&mut lf.blocked);
+        for &id in &blocked {
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.blocked = false;
+            }
+            self.wake(id);
+        }
+        // Keep the list's capacity (no allocation per drain in steady state).
+        if let Some(lf) = self.leases.get_mut(&lease) {
+            let mut blocked = blocked;
+            blocked.clear();
+            if lf.blocked.is_empty() {
+                lf.blocked = blocked;
+            }
+        }
+    }
+
+    /// Moves the flows that have work at `now` (woken ones and due timers) into
+    /// `out` (cleared first). Flows woken while `out` is serviced go to the next
+    /// round.
+    pub fn take_runnable(&mut self, now: Instant, out: &mut Vec<FlowId>) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(e) = self.entries.get_mut(&id)
+                && e.timer == Some(at)
+            {
+                e.timer = None;
+                self.wake(id);
+            }
+        }
+        out.clear();
+        std::mem::swap(&mut self.run, out);
+        for id in out.iter() {
+            if let Some(e) = self.entries.get_mut(id) {
+                e.queued = false;
+            }
+        }
+    }
+
+    /// Whether some flow is in the run queue.
+    pub fn has_runnable(&self) -> bool {
+        !self.run.is_empty()
+    }
+
+    /// The earliest pending timer (stale heap entries are dropped on the way).
+    pub fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self.entries.get(&id).is_some_and(|e| e.timer == Some(at)) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
     }
 
     /// A pending TCP connect succeeded: the flow now needs `buffer_bytes` of smoltcp
@@ -437,5 +558,47 @@ mod tests {
             )
             .contains(&(u, Expiry::Idle))
         );
+    }
+
+    #[test]
+    fn only_woken_due_and_unblocked_flows_run() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let ids: Vec<FlowId> = (0..1000)
+            .map(|p| t.insert(tcp(1, p), (), now, None))
+            .collect();
+        let mut run = Vec::new();
+        t.take_runnable(now, &mut run);
+        assert!(run.is_empty(), "idle flows do not run");
+        t.wake(ids[3]);
+        t.wake(ids[3]);
+        t.set_timer(ids[5], now + Duration::from_millis(10));
+        t.set_timer(ids[5], now + Duration::from_millis(5)); // earlier wins
+        t.set_timer(ids[5], now + Duration::from_millis(50)); // later is ignored
+        t.set_timer(ids[6], now + Duration::from_millis(20));
+        assert!(t.has_runnable());
+        assert_eq!(t.next_timer(), Some(now + Duration::from_millis(5)));
+        t.take_runnable(now, &mut run);
+        assert_eq!(run, vec![ids[3]], "woken once");
+        t.take_runnable(now + Duration::from_millis(10), &mut run);
+        assert_eq!(
+            run,
+            vec![ids[5]],
+            "the stale 10 ms entry does not run it twice"
+        );
+        assert_eq!(t.next_timer(), Some(now + Duration::from_millis(20)));
+        t.remove(ids[6]);
+        assert_eq!(t.next_timer(), None, "a removed flow's timer is gone");
+        t.block(ids[7]);
+        t.block(ids[7]);
+        t.block(ids[8]);
+        t.take_runnable(now, &mut run);
+        assert!(run.is_empty(), "blocked flows wait for a drain");
+        t.unblock_lease(LeaseId(2));
+        t.take_runnable(now, &mut run);
+        assert!(run.is_empty(), "another lease's drain");
+        t.unblock_lease(LeaseId(1));
+        t.take_runnable(now, &mut run);
+        assert_eq!(run, vec![ids[7], ids[8]]);
     }
 }

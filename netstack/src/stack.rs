@@ -235,9 +235,6 @@ struct Peer {
     sockets: SocketSet<'static>,
     q: LeaseQueues,
     dns_pending: usize,
-    dirty: bool,
-    /// The earliest smoltcp timer of the lease's flows (computed when serviced).
-    next_poll: Option<Instant>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -289,20 +286,19 @@ impl Peer {
     }
 
     /// Queues a client packet of no flow for the stray interface (which answers TCP
-    /// with RST).
+    /// with RST; it is polled whenever its queue is not empty).
     fn queue_stray(&mut self, counters: &mut Counters, pkt: &[u8]) {
         if !self.q.push_inbound(None, pkt) {
             counters.drop(DropReason::QueueFull);
         }
-        self.dirty = true;
     }
 
-    /// Queues a client packet for an open TCP flow's interface.
+    /// Queues a client packet for an open TCP flow's interface (the caller wakes
+    /// the flow).
     fn queue_for_flow(&mut self, counters: &mut Counters, rx: &mut Queue, pkt: &[u8]) {
         if !self.q.push_inbound(Some(rx), pkt) {
             counters.drop(DropReason::QueueFull);
         }
-        self.dirty = true;
     }
 
     fn new_interface(&mut self, now: SmolInstant, rx: Option<&mut Queue>) -> Interface {
@@ -347,12 +343,8 @@ pub struct Netstack {
     scratch: Vec<u8>,
     ready: Vec<(Token, bool, bool)>,
     next_sweep: Option<Instant>,
-    more_work: bool,
     socket_hook: Option<SocketHook>,
-    tcp_scratch: Vec<FlowId>,
-    dgram_scratch: Vec<FlowId>,
-    due_scratch: Vec<LeaseId>,
-    finished_scratch: Vec<(FlowId, bool)>,
+    run_scratch: Vec<FlowId>,
 }
 
 impl std::fmt::Debug for Netstack {
@@ -405,12 +397,8 @@ impl Netstack {
             scratch: vec![0; SCRATCH_LEN],
             ready: Vec::with_capacity(EVENTS),
             next_sweep: None,
-            more_work: false,
             socket_hook: None,
-            tcp_scratch: Vec::new(),
-            dgram_scratch: Vec::new(),
-            due_scratch: Vec::new(),
-            finished_scratch: Vec::new(),
+            run_scratch: Vec::new(),
         })
     }
 
@@ -439,8 +427,6 @@ impl Netstack {
             sockets: SocketSet::new(Vec::new()),
             q,
             dns_pending: 0,
-            dirty: false,
-            next_poll: None,
         };
         self.peers.insert(lease.id, peer);
         Ok(())
@@ -597,7 +583,7 @@ impl Netstack {
         }
         if n > 0 {
             // Room in the queue: smoltcp and blocked datagram readers may go on.
-            peer.dirty = true;
+            self.flows.unblock_lease(lease);
             self.counters.packets_out += n as u64;
         }
         n
@@ -718,6 +704,7 @@ impl Netstack {
                 && let Some(peer) = self.peers.get_mut(&lease)
             {
                 peer.queue_for_flow(&mut self.counters, &mut open.rx, pkt);
+                self.flows.wake(id);
             }
             return;
         }
@@ -879,6 +866,9 @@ impl Netstack {
         flow.relay.readable = true;
         flow.relay.writable = true;
         self.counters.tcp_connected += 1;
+        self.flows.wake(id);
+        // A listener whose SYN smoltcp did not take is forgotten after the grace.
+        self.flows.set_timer(id, now + LISTEN_GRACE);
     }
 
     /// Drops a flow's state (sockets closed; `abortive`: TCP peer gets RST).
@@ -927,9 +917,7 @@ impl Netstack {
                         flow.relay.os_eof = true;
                         flow.relay.os_shut_wr = true;
                         open.sockets.get_mut::<tcp::Socket>(open.handle).abort();
-                        if let Some(peer) = self.peers.get_mut(&lease) {
-                            peer.dirty = true;
-                        }
+                        self.flows.wake(id);
                     }
                 }
             }
@@ -1056,9 +1044,15 @@ impl Netstack {
         };
         let mtu = usize::from(peer.lease.mtu);
         let mut exhausted = true;
+        let mut blocked = false;
         for _ in 0..DGRAM_BUDGET {
-            if !*readable || !peer.q.tx.has_room(mtu) {
+            if !*readable {
                 exhausted = false;
+                break;
+            }
+            if !peer.q.tx.has_room(mtu) {
+                exhausted = false;
+                blocked = true;
                 break;
             }
             let (n, from) = match sock.recv_from(&mut self.scratch) {
@@ -1129,8 +1123,13 @@ impl Netstack {
         if active {
             self.flows.touch(id, now);
         }
-        // Budget spent with data left: come back at once.
-        self.more_work |= exhausted;
+        if blocked {
+            // Readable, but the client's queue is full: wait for a drain.
+            self.flows.block(id);
+        } else if exhausted {
+            // Budget spent with data left: come back at once.
+            self.flows.wake(id);
+        }
     }
 
     // ---------------------------------------------------------------- ICMP echo
@@ -1423,6 +1422,9 @@ impl Netstack {
 
     /// Does all pending work: OS socket events, client packets, smoltcp timers, flow
     /// timeouts. Returns when it next needs to run (`None`: only on new input).
+    ///
+    /// Only flows with work are serviced: those woken by a packet, an OS event or a
+    /// drain, and those whose smoltcp timer is due. Idle flows cost nothing here.
     pub fn poll(&mut self, now: Instant) -> Option<Instant> {
         if self.events_pending {
             self.events_pending = false;
@@ -1437,18 +1439,19 @@ impl Netstack {
             self.collect_events();
             self.handle_ready(now);
         }
-        self.more_work = false;
-        let mut due = std::mem::take(&mut self.due_scratch);
-        due.clear();
-        for (id, p) in self.peers.iter_mut() {
-            if p.dirty || !p.q.stray_rx.is_empty() || p.next_poll.is_some_and(|t| t <= now) {
-                due.push(*id);
+        let smol_now = self.smol(now);
+        for p in self.peers.values_mut() {
+            if !p.q.stray_rx.is_empty() {
+                p.iface
+                    .poll(smol_now, &mut p.q.stray_link(), &mut p.sockets);
             }
         }
-        for &lease in &due {
-            self.service_peer(lease, now);
+        let mut run = std::mem::take(&mut self.run_scratch);
+        self.flows.take_runnable(now, &mut run);
+        for &id in &run {
+            self.service_flow(id, now, smol_now);
         }
-        self.due_scratch = due;
+        self.run_scratch = run;
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.next_sweep = None;
             self.sweep(now);
@@ -1456,24 +1459,14 @@ impl Netstack {
                 self.next_sweep = Some(now + SWEEP_INTERVAL);
             }
         }
-        let mut next = if self.more_work {
-            Some(now)
-        } else {
-            self.next_sweep
-        };
-        for p in self.peers.values_mut() {
-            p.dirty = false;
-            if !p.q.tx.has_room(p.q.mtu) {
-                // smoltcp waits for the caller to drain (which marks the peer dirty
-                // again): no timer for that, or the caller would spin.
-                continue;
-            }
-            if let Some(t) = p.next_poll {
-                let t = t.max(now);
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
+        if self.flows.has_runnable() {
+            return Some(now);
         }
-        next
+        let next = self.flows.next_timer().map(|t| t.max(now));
+        match (next, self.next_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn collect_events(&mut self) {
@@ -1495,7 +1488,7 @@ impl Netstack {
                 continue;
             }
             let id = token.0 as FlowId;
-            let lease = match self.flows.get_mut(id) {
+            match self.flows.get_mut(id) {
                 Some(Flow::Tcp(f)) => {
                     if matches!(f.state, TcpState::Connecting { .. }) {
                         self.tcp_connect_event(id, now);
@@ -1503,107 +1496,92 @@ impl Netstack {
                     }
                     f.relay.readable |= readable;
                     f.relay.writable |= writable;
-                    f.key.lease
                 }
-                Some(Flow::Udp(f)) => {
-                    f.readable |= readable;
-                    f.key.lease
-                }
-                Some(Flow::Ping(f)) => {
-                    f.readable |= readable;
-                    f.key.lease
-                }
+                Some(Flow::Udp(f)) => f.readable |= readable,
+                Some(Flow::Ping(f)) => f.readable |= readable,
                 None => continue,
-            };
-            if let Some(peer) = self.peers.get_mut(&lease) {
-                peer.dirty = true;
             }
+            self.flows.wake(id);
         }
         self.ready = ready;
     }
 
-    /// Relays one lease's TCP flows and datagram mappings and runs its smoltcp
-    /// interfaces (the stray one and one per open TCP flow).
-    fn service_peer(&mut self, lease: LeaseId, now: Instant) {
-        let smol_now = self.smol(now);
-        // Reused id lists: no allocation per poll in steady state.
-        let mut tcp_ids = std::mem::take(&mut self.tcp_scratch);
-        let mut dgram = std::mem::take(&mut self.dgram_scratch);
-        self.flows.lease_flows_into(lease, &mut tcp_ids, &mut dgram);
-        for &id in &dgram {
-            self.dgram_read(id, now);
-        }
-        self.dgram_scratch = dgram;
-        let Some(peer) = self.peers.get_mut(&lease) else {
-            self.tcp_scratch = tcp_ids;
+    /// Services one flow that has work: a datagram mapping reads what its OS socket
+    /// holds; an open TCP flow runs its smoltcp interface and relays both ways, then
+    /// asks for its next smoltcp timer (or waits for a drain when the lease's
+    /// outbound queue is full, so that a stalled client never makes the loop spin).
+    fn service_flow(&mut self, id: FlowId, now: Instant, smol_now: SmolInstant) {
+        let Some(flow) = self.flows.get_mut(id) else {
             return;
         };
-        peer.iface
-            .poll(smol_now, &mut peer.q.stray_link(), &mut peer.sockets);
-        let mut next: Option<SmolInstant> = None;
-        // Keep only the finished flows in the list (with how to close them).
-        let mut finished = std::mem::take(&mut self.finished_scratch);
-        finished.clear();
-        for &id in &tcp_ids {
-            let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
-                continue;
-            };
-            let TcpFlow {
-                key,
+        let flow = match flow {
+            Flow::Tcp(f) => f,
+            Flow::Udp(_) | Flow::Ping(_) => {
+                self.dgram_read(id, now);
+                return;
+            }
+        };
+        let TcpFlow {
+            key,
+            stream,
+            state,
+            relay: st,
+        } = flow;
+        let TcpState::Open(open) = state else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&key.lease) else {
+            return;
+        };
+        let OpenTcp {
+            iface,
+            sockets,
+            handle,
+            rx,
+            opened,
+        } = &mut **open;
+        iface.poll(smol_now, &mut peer.q.link(rx), sockets);
+        let mut moved_any = false;
+        let mut again = false;
+        let mut rounds = 0;
+        loop {
+            let moved = relay(
                 stream,
-                state,
-                relay: st,
-            } = flow;
-            let TcpState::Open(open) = state else {
-                continue;
-            };
-            let OpenTcp {
-                iface,
-                sockets,
-                handle,
-                rx,
-                opened,
-            } = &mut **open;
+                st,
+                key.client,
+                sockets.get_mut::<tcp::Socket>(*handle),
+            );
             iface.poll(smol_now, &mut peer.q.link(rx), sockets);
-            let mut moved_any = false;
-            let mut rounds = 0;
-            loop {
-                let moved = relay(
-                    stream,
-                    st,
-                    key.client,
-                    sockets.get_mut::<tcp::Socket>(*handle),
-                );
-                iface.poll(smol_now, &mut peer.q.link(rx), sockets);
-                if !moved {
-                    break;
-                }
-                moved_any = true;
-                rounds += 1;
-                if rounds == RELAY_ROUNDS {
-                    // Still moving: give the other flows and leases a turn, and come
-                    // back at once (the OS side may not signal again: edge-triggered).
-                    self.more_work = true;
-                    break;
-                }
+            if !moved {
+                break;
             }
-            if let Some(t) = iface.poll_at(smol_now, sockets) {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-            let sock = sockets.get::<tcp::Socket>(*handle);
-            if let Some(abortive) = finished_state(st, sock, *opened, now) {
-                finished.push((id, abortive));
-            }
-            if moved_any {
-                self.flows.touch(id, now);
+            moved_any = true;
+            rounds += 1;
+            if rounds == RELAY_ROUNDS {
+                // Still moving: give the other flows and leases a turn, and come
+                // back at once (the OS side may not signal again: edge-triggered).
+                again = true;
+                break;
             }
         }
-        peer.next_poll = next.map(|t| std_time(self.epoch, t));
-        for &(id, abortive) in &finished {
+        let blocked = !peer.q.tx.has_room(peer.q.mtu);
+        let next = iface.poll_at(smol_now, sockets);
+        let sock = sockets.get::<tcp::Socket>(*handle);
+        let finished = finished_state(st, sock, *opened, now);
+        if let Some(abortive) = finished {
             self.forget_flow(id, abortive);
+            return;
         }
-        self.finished_scratch = finished;
-        self.tcp_scratch = tcp_ids;
+        if moved_any {
+            self.flows.touch(id, now);
+        }
+        if blocked {
+            self.flows.block(id);
+        } else if again {
+            self.flows.wake(id);
+        } else if let Some(t) = next {
+            self.flows.set_timer(id, std_time(self.epoch, t));
+        }
     }
 
     fn sweep(&mut self, now: Instant) {
