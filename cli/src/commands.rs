@@ -454,14 +454,27 @@ pub struct ConnectArgs {
 const DISCOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `connect --discover [NAME]`: lists the gateways that answer within
-/// [`DISCOVER_WAIT`], picks one, checks and records its pinned key, and returns its
-/// invite (`None` with `--list-only`).
+/// [`DISCOVER_WAIT`], picks one, checks its pinned key, and returns its invite with the
+/// candidate pin the session marks once admitted (`None` with `--list-only`). First it
+/// settles the previous run's candidate.
 fn discover_gateway(
     state_dir: &std::path::Path,
     wanted: Option<&str>,
     list_only: bool,
-) -> Result<Option<String>, String> {
+) -> Result<Option<Discovered>, String> {
     use crate::discovery;
+    // The last --discover's candidate: pinned if that session was admitted.
+    match discovery::settle_candidate(state_dir).map_err(|e| e.to_string())? {
+        Some(discovery::Candidate::Pinned(name)) => {
+            println!("pinned the key of gateway {name:?} (it admitted this device last time)");
+        }
+        Some(discovery::Candidate::Dropped(name)) => {
+            println!(
+                "gateway {name:?} did not admit this device last time: its key was not pinned"
+            );
+        }
+        None => {}
+    }
     let found = discovery::discover(DISCOVER_WAIT, wanted).map_err(|e| e.to_string())?;
     {
         let mut out = std::io::stdout().lock();
@@ -486,12 +499,18 @@ fn discover_gateway(
     let uri = g
         .invite()
         .ok_or_else(|| format!("gateway {:?} advertised no address", g.name))?;
-    // The session drops privileges and confines itself before it reads the gateway's
-    // first byte, after which it cannot write the state dir: the key is pinned here,
-    // for the name it was found under (docs/discovery.md).
-    discovery::pin(state_dir, &g).map_err(|e| e.to_string())?;
+    // The key is pinned only once the gateway admits this device (after pairing): the
+    // session, confined by then, marks this candidate, and the next --discover pins
+    // it (docs/discovery.md, Pinning).
+    let marker = discovery::write_candidate(state_dir, &g).map_err(|e| e.to_string())?;
     println!("connecting to {:?}: {uri}", g.name);
-    Ok(Some(uri))
+    Ok(Some(Discovered { uri, marker }))
+}
+
+/// The gateway `--discover` chose.
+struct Discovered {
+    uri: String,
+    marker: Option<client::admission_marker::AdmissionMarker>,
 }
 
 pub fn connect(args: ConnectArgs) -> CmdResult {
@@ -513,12 +532,12 @@ pub fn connect(args: ConnectArgs) -> CmdResult {
     };
     let state_dir = resolve_state_dir(state_dir)?;
     init_logging();
-    let uri = match (uri, discover) {
-        (Some(uri), None) => uri,
+    let (uri, admission_marker) = match (uri, discover) {
+        (Some(uri), None) => (uri, None),
         (_, Some(wanted)) => {
             let wanted = Some(wanted.trim()).filter(|w| !w.is_empty());
             match discover_gateway(&state_dir, wanted, list_only)? {
-                Some(uri) => uri,
+                Some(d) => (d.uri, d.marker),
                 None => return Ok(()),
             }
         }
@@ -540,6 +559,7 @@ pub fn connect(args: ConnectArgs) -> CmdResult {
         helper_socket,
         device_name,
         resolv_conf,
+        admission_marker,
     })
     .map_err(|e| e.to_string())
 }

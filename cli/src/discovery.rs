@@ -308,10 +308,79 @@ pub fn check_pin(state_dir: &Path, g: &Found) -> Result<(), DiscoveryError> {
     }
 }
 
-/// Pins `g`'s key under its name (atomic write, 0600).
-pub fn pin(state_dir: &Path, g: &Found) -> Result<(), DiscoveryError> {
+/// The candidate pin of the last `connect --discover`: the gateway's name and key,
+/// then an admission line the confined session writes once the gateway admitted it.
+pub const CANDIDATE_FILE: &str = "gateway-candidate";
+
+/// Records `g` as the candidate pin and returns the marker the session writes when the
+/// gateway admits it (docs/discovery.md, Pinning). `None` when `g` is already pinned.
+pub fn write_candidate(
+    state_dir: &Path,
+    g: &Found,
+) -> Result<Option<client::admission_marker::AdmissionMarker>, DiscoveryError> {
+    if load_pins(state_dir)?.get(&g.name) == Some(&hex::encode(g.key)) {
+        return Ok(None);
+    }
+    let path = state_dir.join(CANDIDATE_FILE);
+    broker::fsutil::ensure_dir(state_dir)
+        .and_then(|()| {
+            client::admission_marker::AdmissionMarker::create(
+                &path,
+                &format!("{}\n{}\n", g.name, hex::encode(g.key)),
+            )
+        })
+        .map(Some)
+        .map_err(|source| DiscoveryError::Io {
+            what: format!("cannot write {}", path.display()),
+            source,
+        })
+}
+
+/// What became of the last candidate pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Candidate {
+    /// The gateway admitted this device: its key is now pinned under the name.
+    Pinned(String),
+    /// It never did (denied, expired, interrupted): nothing pinned.
+    Dropped(String),
+}
+
+/// Promotes an admitted candidate to `gateways.json` and removes the candidate file.
+pub fn settle_candidate(state_dir: &Path) -> Result<Option<Candidate>, DiscoveryError> {
+    let path = state_dir.join(CANDIDATE_FILE);
+    let (lines, admitted) = match client::admission_marker::read(&path) {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DiscoveryError::Io {
+                what: format!("cannot read {}", path.display()),
+                source,
+            });
+        }
+    };
+    let key = match lines.as_slice() {
+        [name, key] => broker::peers::parse_key(key).map(|k| (name.clone(), k)),
+        _ => None,
+    };
+    let outcome = match key {
+        Some((name, key)) if admitted => {
+            pin(state_dir, &name, &key)?;
+            Some(Candidate::Pinned(name))
+        }
+        Some((name, _)) => Some(Candidate::Dropped(name)),
+        None => None,
+    };
+    std::fs::remove_file(&path).map_err(|source| DiscoveryError::Io {
+        what: format!("cannot remove {}", path.display()),
+        source,
+    })?;
+    Ok(outcome)
+}
+
+/// Pins `key` under `name` (atomic write, 0600).
+pub fn pin(state_dir: &Path, name: &str, key: &[u8; 32]) -> Result<(), DiscoveryError> {
     let mut pins = load_pins(state_dir)?;
-    pins.insert(g.name.clone(), hex::encode(g.key));
+    pins.insert(name.to_owned(), hex::encode(key));
     let path = state_dir.join(PINNED_FILE);
     let io = |source| DiscoveryError::Io {
         what: format!("cannot write {}", path.display()),
@@ -413,7 +482,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vpnshare-pins-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         check_pin(&dir, &found[1]).unwrap();
-        pin(&dir, &found[1]).unwrap();
+        pin(&dir, &found[1].name, &found[1].key).unwrap();
         check_pin(&dir, &found[1]).unwrap();
         check_pin(&dir, &found[0]).unwrap();
         assert!(matches!(
@@ -426,6 +495,42 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_candidate_is_pinned_only_once_admitted() {
+        let dir = std::env::temp_dir().join(format!("vpnshare-cand-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let g = Found {
+            name: "phone".into(),
+            addrs: vec!["192.168.50.1".parse().unwrap()],
+            port: 7400,
+            key: [5; 32],
+        };
+        assert_eq!(settle_candidate(&dir).unwrap(), None);
+
+        // Not admitted (denied, expired, interrupted): dropped, nothing pinned.
+        let m = write_candidate(&dir, &g).unwrap().unwrap();
+        drop(m);
+        assert_eq!(
+            settle_candidate(&dir).unwrap(),
+            Some(Candidate::Dropped("phone".into()))
+        );
+        assert!(load_pins(&dir).unwrap().is_empty());
+        assert!(!dir.join(CANDIDATE_FILE).exists());
+
+        // Admitted: pinned at the next settle, and the file is gone.
+        let m = write_candidate(&dir, &g).unwrap().unwrap();
+        m.mark().unwrap();
+        assert_eq!(
+            settle_candidate(&dir).unwrap(),
+            Some(Candidate::Pinned("phone".into()))
+        );
+        assert_eq!(load_pins(&dir).unwrap()["phone"], hex::encode([5u8; 32]));
+        assert!(!dir.join(CANDIDATE_FILE).exists());
+        // Already pinned: no candidate at all.
+        assert!(write_candidate(&dir, &g).unwrap().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -33,7 +33,7 @@ pub enum TransportKind {
 }
 
 /// What `vpnshare connect` was asked to do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnectOptions {
     pub uri: String,
     pub state_dir: PathBuf,
@@ -47,6 +47,9 @@ pub struct ConnectOptions {
     /// As root: the resolver file the spawned helper manages (default its own,
     /// `/etc/resolv.conf`).
     pub resolv_conf: Option<PathBuf>,
+    /// Marked once the gateway admits this device (`connect --discover` pins the
+    /// gateway's key only then).
+    pub admission_marker: Option<crate::admission_marker::AdmissionMarker>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -139,6 +142,9 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
     if let Some(st) = &tickets {
         keep.push(st.file().as_raw_fd());
     }
+    if let Some(m) = &opts.admission_marker {
+        keep.push(m.file().as_raw_fd());
+    }
     security::confine(
         security::Role::ClientSession,
         &security::ConfineOptions {
@@ -157,6 +163,7 @@ pub fn connect(opts: ConnectOptions) -> Result<(), ConnectError> {
     }
     let mut run = Run::new(core, opts.transport, addr, transport);
     run.tickets = tickets;
+    run.admission_marker = opts.admission_marker;
     let result = run.run(&mut helper);
     if result.is_err() {
         // Whatever went wrong, put the machine back the way it was.
@@ -369,6 +376,7 @@ struct Run {
     next_attempt: Option<Duration>,
     tun_write_errors: u64,
     tickets: Option<TicketStore>,
+    admission_marker: Option<crate::admission_marker::AdmissionMarker>,
     /// The UDP socket's local address went away (the laptop roamed): a new socket.
     roam: bool,
     last_addr_check: Duration,
@@ -394,6 +402,7 @@ impl Run {
             next_attempt: None,
             tun_write_errors: 0,
             tickets: None,
+            admission_marker: None,
             roam: false,
             last_addr_check: Duration::ZERO,
         }
@@ -685,6 +694,11 @@ impl Run {
         });
         self.lease = Some(lease);
         self.ever_configured = true;
+        if let Some(m) = self.admission_marker.take()
+            && let Err(e) = m.mark()
+        {
+            tracing::warn!(error = %e, "cannot record the admission: the gateway's key is not pinned");
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //!   privilege drop before confinement;
 //! - [`usb`]: the stream-transport interface and the USB accessory transport (AOA).
 
+pub mod admission_marker;
 pub mod core;
 pub mod driver;
 pub mod helper;

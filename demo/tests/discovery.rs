@@ -23,7 +23,7 @@ fn ip(args: &[&str]) -> String {
 }
 
 #[test]
-fn a_gateway_in_phone_is_discovered_from_laptop_paired_and_pinned() {
+fn a_gateway_in_phone_is_discovered_from_laptop_and_pinned_only_after_pairing() {
     let Some(bins) = ready() else { return };
     // The stack's own gateway runs with --no-mdns; a second one advertises.
     let s = Stack::start(&bins, "mdns", 1).unwrap();
@@ -88,37 +88,64 @@ fn a_gateway_in_phone_is_discovered_from_laptop_paired_and_pinned() {
         "--list-only pins nothing"
     );
 
-    // 2. Connect to it by name, pair by code from the gateway's control socket.
-    let mut client = Proc::spawn(
-        &s.tb,
-        Node::Laptop,
-        Command::new(bins.join("vpnshare"))
-            .args(["connect", "--discover", "test-phone", "--name", "laptop"])
-            .arg("--state-dir")
-            .arg(&laptop_dir)
-            .arg("--resolv-conf")
-            .arg(s.tb.resolv_conf(Node::Laptop))
-            .env("RUST_LOG", "info"),
-    )
-    .unwrap();
-    let connecting = client
-        .wait_line("connecting to", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", client.output()));
-    assert!(connecting.contains(&invite), "{connecting} vs {invite}");
-    let line = client
-        .wait_line("Compare this code", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", client.output()));
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap()
-        .to_owned();
     let dir = gw_dir.to_string_lossy().into_owned();
-    let out = Command::new(bins.join("vpnshare"))
-        .args(["pairing", "--state-dir", &dir, "approve", &code])
-        .output()
+    let connect = || {
+        let mut client = Proc::spawn(
+            &s.tb,
+            Node::Laptop,
+            Command::new(bins.join("vpnshare"))
+                .args(["connect", "--discover", "test-phone", "--name", "laptop"])
+                .arg("--state-dir")
+                .arg(&laptop_dir)
+                .arg("--resolv-conf")
+                .arg(s.tb.resolv_conf(Node::Laptop))
+                .env("RUST_LOG", "info"),
+        )
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
+        let connecting = client
+            .wait_line("connecting to", Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", client.output()));
+        assert!(connecting.contains(&invite), "{connecting} vs {invite}");
+        let line = client
+            .wait_line("Compare this code", Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", client.output()));
+        let code = line
+            .split_whitespace()
+            .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
+            .unwrap()
+            .to_owned();
+        (client, code)
+    };
+    let pairing = |verb: &str, code: &str| {
+        let out = Command::new(bins.join("vpnshare"))
+            .args(["pairing", "--state-dir", &dir, verb, code])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    // 2. Connect to it by name; the gateway's user denies it: nothing may be pinned
+    //    (an impostor advertising the name must not win a pin by being refused).
+    let (mut client, code) = connect();
+    pairing("deny", &code);
+    let st = client.child.wait().unwrap();
+    assert!(!st.success(), "a denied connect fails: {}", client.output());
+    drop(client);
+    assert!(
+        !laptop_dir.join("gateways.json").exists(),
+        "a denied pairing pins nothing"
+    );
+
+    // 3. Again, approved this time: the tunnel comes up.
+    let (mut client, code) = connect();
+    assert!(
+        client
+            .output()
+            .contains("did not admit this device last time: its key was not pinned"),
+        "{}",
+        client.output()
+    );
+    pairing("approve", &code);
     let up = client
         .wait_line("tunnel up:", Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}\n--- gateway ---\n{}", client.output(), gw.output()));
@@ -126,7 +153,26 @@ fn a_gateway_in_phone_is_discovered_from_laptop_paired_and_pinned() {
     let st = client.stop(Signal::SIGTERM).unwrap();
     assert!(st.success(), "{st}: {}", client.output());
 
-    // 3. The key is pinned under the name it was found by.
+    // 4. The next --discover pins the key under the name it was found by.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.tb.ns(Node::Laptop)])
+        .arg(bins.join("vpnshare"))
+        .args([
+            "connect",
+            "--discover",
+            "test-phone",
+            "--list-only",
+            "--state-dir",
+        ])
+        .arg(&laptop_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("pinned the key of gateway \"test-phone\""),
+        "{text}"
+    );
     let pins: serde_json::Value =
         serde_json::from_slice(&std::fs::read(laptop_dir.join("gateways.json")).unwrap()).unwrap();
     assert_eq!(pins["test-phone"], key.as_str());
