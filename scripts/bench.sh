@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-out
 cargo bench -p vshp --bench record --quiet -- --noplot 2>&1 | tee bench-out/vshp-record.txt
+cargo bench -p vshp --bench handshake_responder --quiet -- --noplot 2>&1 | tee bench-out/vshp-responder.txt
 cargo bench -p ipc-schema --bench socketpair --quiet -- --bench 2>&1 | tee bench-out/ipc-socketpair.txt
 python3 - <<'PY'
 import json, os, platform, subprocess, datetime
@@ -28,6 +29,9 @@ for p in ("xx", "ik"):
     t = ns("handshake", p)
     out[f"handshake_{p}_per_s"] = round(1e9 / t)
     rows.append((f"handshake {p.upper()} (both sides, one core)", f"{1e9/t:,.0f} /s", "", ""))
+    t = ns("handshake_responder", p)
+    out[f"handshake_{p}_responder_per_s"] = round(1e9 / t)
+    rows.append((f"handshake {p.upper()} (responder only, one core)", f"{1e9/t:,.0f} /s", "", ""))
 for line in open("bench-out/ipc-socketpair.txt"):
     if line.strip():
         rows.append(("ipc: " + line.strip(), "", "", ""))
