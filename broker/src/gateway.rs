@@ -221,6 +221,12 @@ pub struct Gateway {
     dropped_handshakes: u64,
     /// Leases of disconnected peers kept for a resume (`crate::grace`).
     parked: ParkedLeases,
+    /// The MTU the pool chose for each active lease, before the egress cap
+    /// (`crate::lease_config`); the cap follows the VPN's MTU, this never changes.
+    base_mtu: HashMap<LeaseId, u16>,
+    /// The VPN interface's MTU at the last routing snapshot (`None`: no VPN, unknown,
+    /// `--egress any`).
+    egress_mtu: Option<u32>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -350,6 +356,8 @@ impl Gateway {
             confined: false,
             dropped_handshakes: 0,
             parked: ParkedLeases::new(RESUME_GRACE),
+            base_mtu: HashMap::new(),
+            egress_mtu: None,
             cfg,
         };
         gw.start_netstack();
@@ -496,6 +504,12 @@ impl Gateway {
                 None
             }
         };
+        let mtu = vpn
+            .as_ref()
+            .and_then(|v| crate::lease_config::link_mtu(&v.name));
+        if mtu != self.egress_mtu {
+            self.set_egress_mtu(mtu);
+        }
         if vpn == self.vpn && !force {
             return;
         }
@@ -524,6 +538,43 @@ impl Gateway {
         self.vpn = vpn;
         let e = self.egress;
         self.send_netstack(&BrokerToNetstack::Egress(e), &[]);
+    }
+
+    /// The VPN's MTU changed: every live lease whose configuration follows it changes
+    /// now, and its worker sends the peer a CONFIG_DELTA (`LeaseChanged`). Parked
+    /// leases are reconfigured when they resume.
+    fn set_egress_mtu(&mut self, mtu: Option<u32>) {
+        info!(from = ?self.egress_mtu, to = ?mtu, "egress MTU changed");
+        self.egress_mtu = mtu;
+        let changed: Vec<(u64, Lease)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.channel_dead && !w.stopping)
+            .filter_map(|(id, w)| {
+                let l = w.lease.as_ref()?;
+                let base = self.base_mtu.get(&l.id).copied().unwrap_or(l.mtu);
+                crate::lease_config::reconfigured(l, base, mtu).map(|n| (*id, n))
+            })
+            .collect();
+        for (session, lease) in changed {
+            info!(
+                session,
+                lease = lease.id.0,
+                mtu = lease.mtu,
+                "lease changed: CONFIG_DELTA"
+            );
+            self.audit.record(
+                "lease_changed",
+                &[
+                    ("lease", Value::from(lease.id.0)),
+                    ("mtu", Value::from(lease.mtu)),
+                ],
+            );
+            if let Some(w) = self.workers.get_mut(&session) {
+                w.lease = Some(lease.clone());
+            }
+            self.send_worker(session, &BrokerToWorker::LeaseChanged { lease }, &[]);
+        }
     }
 
     /// Runs until SIGINT/SIGTERM is not handled here: the loop runs until the process is
@@ -1241,6 +1292,11 @@ impl Gateway {
                 return;
             }
         };
+        // As the gateway's state wants it now (a resumed lease may have been parked
+        // under another VPN MTU: its CONFIG carries the new one, docs/resume.md).
+        let base = *self.base_mtu.entry(lease.id).or_insert(lease.mtu);
+        let lease =
+            crate::lease_config::reconfigured(&lease, base, self.egress_mtu).unwrap_or(lease);
         // The data channel: one end to the worker, the other to the netstack. Without
         // a netstack there is none: the worker admits the peer and drops (and counts)
         // its packets, as with any peer while forwarding is unavailable.
@@ -1250,6 +1306,7 @@ impl Gateway {
                 Err(e) => {
                     error!(error = %e, "socketpair");
                     self.pool.release(lease.id);
+                    self.base_mtu.remove(&lease.id);
                     self.decide(session, handshake, Decision::Refuse(Refusal::Overload));
                     return;
                 }
@@ -1351,6 +1408,7 @@ impl Gateway {
     /// Releases a lease now: the netstack drops its flows (`revoked`: `PeerRevoked`).
     fn release_lease(&mut self, id: LeaseId, revoked: bool) {
         self.pool.release(id);
+        self.base_mtu.remove(&id);
         let msg = if revoked {
             BrokerToNetstack::PeerRevoked { lease: id }
         } else {

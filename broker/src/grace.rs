@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use vshp::lease::{Lease, LeaseId};
+use vshp::ticket::{TicketError, TicketSealer};
+
+use crate::leases::LeasePool;
 
 /// How long a disconnected peer's lease and flows are kept for a resume.
 pub const RESUME_GRACE: Duration = Duration::from_secs(180);
@@ -89,10 +92,42 @@ impl ParkedLeases {
     }
 }
 
+/// Why a presented RESUME ticket gets nothing back (the peer is told `BadTicket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeRefused {
+    /// Not opened: forged, sealed before a gateway restart, expired, another peer's,
+    /// already redeemed.
+    #[error("ticket refused: {0}")]
+    Ticket(#[from] TicketError),
+    /// The ticket opens but its lease is neither parked nor free to reclaim (another
+    /// peer holds its address now).
+    #[error("the ticket's lease is gone: {0}")]
+    LeaseGone(#[from] crate::leases::LeaseError),
+}
+
+/// A trusted peer presents `ticket` inside its handshake: the lease it names, taken back
+/// from `parked` (flows kept) or, if not parked (the grace period ended, or the ticket
+/// is from an earlier session), reclaimed in `pool` when its address is free. Anything
+/// else is refused, and the peer is expected to connect again without a ticket.
+pub fn redeem(
+    sealer: &mut TicketSealer,
+    parked: &mut ParkedLeases,
+    pool: &mut LeasePool,
+    peer: [u8; 32],
+    ticket: &[u8],
+    now_unix: u64,
+) -> Result<Lease, ResumeRefused> {
+    let opened = sealer.open(ticket, &peer, now_unix)?;
+    if let Some(l) = parked.resume(&peer, opened.lease.id) {
+        return Ok(l);
+    }
+    Ok(pool.reclaim(peer, &opened.lease, now_unix)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::leases::LeasePool;
+    use vshp::ticket::{TicketId, TicketLease};
 
     fn lease(pool: &mut LeasePool, peer: u8) -> Lease {
         pool.allocate([peer; 32], 0).unwrap()
@@ -146,5 +181,84 @@ mod tests {
         assert_eq!(p.park([1; 32], a2.clone(), t0), Some(a));
         assert_eq!(p.take(&[1; 32]), Some(a2));
         assert_eq!(p.take(&[1; 32]), None);
+    }
+
+    fn seal(sealer: &TicketSealer, peer: u8, l: &Lease, now: u64) -> Vec<u8> {
+        sealer
+            .seal(
+                TicketId::random().unwrap(),
+                &[peer; 32],
+                &TicketLease::from(l),
+                now,
+                3600,
+            )
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn redeem_gives_the_parked_lease_once_and_refuses_every_bad_ticket() {
+        let mut pool = LeasePool::new(1);
+        let mut parked = ParkedLeases::new(RESUME_GRACE);
+        let mut sealer = TicketSealer::new([7; 32]).unwrap();
+        let l = lease(&mut pool, 1);
+        let t = seal(&sealer, 1, &l, 100);
+        parked.park([1; 32], l.clone(), Instant::now());
+        assert_eq!(
+            redeem(&mut sealer, &mut parked, &mut pool, [1; 32], &t, 101),
+            Ok(l.clone())
+        );
+        // Replayed.
+        assert_eq!(
+            redeem(&mut sealer, &mut parked, &mut pool, [1; 32], &t, 102),
+            Err(ResumeRefused::Ticket(TicketError::Replayed))
+        );
+        // Another peer's ticket.
+        let t2 = seal(&sealer, 1, &l, 100);
+        assert_eq!(
+            redeem(&mut sealer, &mut parked, &mut pool, [2; 32], &t2, 101),
+            Err(ResumeRefused::Ticket(TicketError::WrongPeer))
+        );
+        // Expired.
+        assert!(matches!(
+            redeem(
+                &mut sealer,
+                &mut parked,
+                &mut pool,
+                [1; 32],
+                &t2,
+                100 + 3601
+            ),
+            Err(ResumeRefused::Ticket(TicketError::Expired { .. }))
+        ));
+        // Sealed by an earlier gateway run (another key), and forged.
+        let mut restarted = TicketSealer::new([8; 32]).unwrap();
+        let t3 = seal(&sealer, 1, &l, 100);
+        assert_eq!(
+            redeem(&mut restarted, &mut parked, &mut pool, [1; 32], &t3, 101),
+            Err(ResumeRefused::Ticket(TicketError::Forged))
+        );
+        let mut forged = t3.clone();
+        if let Some(b) = forged.last_mut() {
+            *b ^= 1;
+        }
+        assert_eq!(
+            redeem(&mut sealer, &mut parked, &mut pool, [1; 32], &forged, 101),
+            Err(ResumeRefused::Ticket(TicketError::Forged))
+        );
+        assert!(matches!(
+            redeem(&mut sealer, &mut parked, &mut pool, [1; 32], b"short", 101),
+            Err(ResumeRefused::Ticket(TicketError::Malformed))
+        ));
+        // Valid, but the lease is still held (not parked): its address is not free.
+        assert!(matches!(
+            redeem(&mut sealer, &mut parked, &mut pool, [1; 32], &t3, 101),
+            Err(ResumeRefused::LeaseGone(_))
+        ));
+        // Valid, not parked, address free: reclaimed with its id and addresses.
+        pool.release(l.id);
+        let t4 = seal(&sealer, 1, &l, 100);
+        let r = redeem(&mut sealer, &mut parked, &mut pool, [1; 32], &t4, 101).unwrap();
+        assert_eq!((r.id, r.ipv4, r.ipv6), (l.id, l.ipv4, l.ipv6));
     }
 }

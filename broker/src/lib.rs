@@ -15,6 +15,7 @@ pub mod grace;
 pub mod identity;
 pub mod invite;
 pub mod lan;
+pub mod lease_config;
 pub mod leases;
 pub mod oracle;
 pub mod pairing;

@@ -155,6 +155,7 @@ impl<'a> Session<'a> {
                 self.set_routes(routes.as_slice(), gateway)
             }
             SessionToHelper::SetDns { servers } => self.set_dns(servers.as_slice()),
+            SessionToHelper::SetMtu { mtu } => self.set_mtu(mtu),
             SessionToHelper::TearDown => self.teardown().map_err(|e| system(journal_errno(&e))),
         };
         match result {
@@ -285,6 +286,18 @@ impl<'a> Session<'a> {
             self.journal.routes.pop();
             self.save()?;
         }
+        Ok(())
+    }
+
+    /// The gateway's CONFIG_DELTA changed the MTU: the live TUN takes it (its bounds
+    /// are checked when the message is decoded; the TUN, and with it the MTU, goes at
+    /// teardown, so there is nothing to journal).
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), HelperRefusal> {
+        let tun = self.tun.as_ref().ok_or(HelperRefusal::NoTun)?;
+        self.nl
+            .link_up(tun.ifindex, u32::from(mtu))
+            .map_err(system)?;
+        tracing::info!(mtu, "TUN MTU set");
         Ok(())
     }
 

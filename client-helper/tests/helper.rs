@@ -422,6 +422,62 @@ fn opens_a_working_tun_with_addresses_mtu_routes_dns_and_tears_down() {
 }
 
 #[test]
+fn a_config_delta_changes_the_live_tuns_mtu_routes_and_dns_and_teardown_restores() {
+    require_root!();
+    let ns = Netns::new("delta");
+    let dir = Dir::new("delta");
+    let before = state(&ns, &dir);
+    let _helper = Helper::start(&ns, &dir);
+    let mut ch = connect(&dir.sock());
+    let done = HelperToSession::Done;
+    // No TUN yet: nothing to change.
+    assert_eq!(
+        call(&mut ch, &SessionToHelper::SetMtu { mtu: 1300 }).0,
+        HelperToSession::Refused(HelperRefusal::NoTun)
+    );
+    let tun = bring_up(&mut ch);
+    let ifname = ns
+        .ip(&["-o", "link"])
+        .lines()
+        .find(|l| l.contains("mtu 1400"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    assert_eq!(
+        call(&mut ch, &SessionToHelper::SetMtu { mtu: 1300 }).0,
+        done
+    );
+    let link = ns.ip(&["link", "show", "dev", &ifname]);
+    assert!(link.contains("mtu 1300") && link.contains("UP"), "{link}");
+    // The delta's routes (IPv4 only now) and DNS replace the old ones.
+    let v4_only = SessionToHelper::SetRoutes {
+        routes: BoundedVec::new(vec![Route::V4(Ipv4Prefix {
+            addr: "0.0.0.0".parse().unwrap(),
+            len: 0,
+        })])
+        .unwrap(),
+        gateway: "192.0.2.10".parse().unwrap(),
+    };
+    assert_eq!(call(&mut ch, &v4_only).0, done);
+    assert!(
+        !ns.ip(&["-6", "route"])
+            .contains(&format!("::/1 dev {ifname}"))
+    );
+    assert!(
+        ns.ip(&["route"])
+            .contains(&format!("0.0.0.0/1 dev {ifname}"))
+    );
+    assert_eq!(call(&mut ch, &dns(&["100.64.0.1", "fd00:5653::1"])).0, done);
+    let text = fs::read_to_string(dir.resolv()).unwrap();
+    assert!(text.contains("nameserver fd00:5653::1"), "{text}");
+    assert_eq!(call(&mut ch, &SessionToHelper::TearDown).0, done);
+    drop(tun);
+    assert_eq!(state(&ns, &dir), before);
+    assert!(!dir.journal().exists());
+}
+
+#[test]
 fn refuses_a_second_tun_and_everything_outside_its_policy() {
     require_root!();
     let ns = Netns::new("policy");

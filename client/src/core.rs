@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vshp::handshake::{HandshakeError, Initiator, Next};
 use vshp::lease::Lease;
-use vshp::message::{CloseReason, Keepalive, Platform};
+use vshp::message::{CloseReason, ConfigDelta, Keepalive, Platform};
 use vshp::record::{self, Capabilities, HEADER_LEN, MAX_RECORD_LEN, Record, SessionIndex};
 use vshp::transport::{Session, TransportMode};
 use vshp::{ErrorReason, Message, MessageReader, MessageWriter, PairingCode, StaticKeypair};
@@ -54,6 +54,9 @@ pub enum Event<'a> {
     Established { code: PairingCode },
     /// The gateway's lease (CONFIG): bring the TUN up with it.
     Config(Lease),
+    /// What changed in the lease of the live session (CONFIG_DELTA): apply it to the
+    /// TUN, routes and DNS in place (docs/resume.md, Lease changes).
+    ConfigDelta(ConfigDelta),
     /// A packet from the gateway for the TUN.
     Packet(&'a [u8]),
     /// An authenticated ERROR from the gateway.
@@ -277,8 +280,17 @@ impl ClientCore {
                     self.ticket = Some(ticket.to_vec());
                     self.ticket_new = true;
                 }
+                Message::ConfigDelta(d) => on_event(Event::ConfigDelta(d)),
                 Message::Close(r) => on_event(Event::Closed(r)),
-                Message::Error { reason, detail } => on_event(Event::Refused { reason, detail }),
+                Message::Error { reason, detail } => {
+                    if reason == ErrorReason::BadTicket {
+                        // The gateway will not resume with it: the next handshake goes
+                        // without RESUME (and gets a new ticket once admitted).
+                        self.ticket = None;
+                        self.ticket_new = false;
+                    }
+                    on_event(Event::Refused { reason, detail })
+                }
                 _ => {}
             }
         }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use vshp::lease::Lease;
+use vshp::message::ConfigDelta;
 use vshp::record::MAX_RECORD_LEN;
 use vshp::transport::TransportMode;
 use vshp::{ErrorReason, PairingCode, StreamDecoder};
@@ -352,6 +353,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 struct Seen {
     established: Option<PairingCode>,
     config: Option<Lease>,
+    deltas: Vec<ConfigDelta>,
     refused: Option<(ErrorReason, String)>,
     advisory: Option<ErrorReason>,
     closed: bool,
@@ -551,6 +553,7 @@ impl Run {
             let res = core.handle_record(rec, now, &mut |ev| match ev {
                 Event::Established { code } => seen.established = Some(code),
                 Event::Config(lease) => seen.config = Some(lease),
+                Event::ConfigDelta(d) => seen.deltas.push(d),
                 Event::Packet(p) => {
                     if let Some(tun) = tun {
                         if nix::unistd::write(&tun.fd, p).is_err() {
@@ -588,9 +591,19 @@ impl Run {
                 }
             }
         }
+        let bad_ticket = seen
+            .refused
+            .as_ref()
+            .is_some_and(|(r, _)| *r == ErrorReason::BadTicket);
         self.after_records(seen, helper)?;
         if let Some(why) = transport_gone {
-            if self.ever_configured || self.core.is_established() {
+            if bad_ticket {
+                // The gateway closes the connection after BadTicket; the new handshake
+                // (already scheduled) opens a new one.
+                if self.kind == TransportKind::Tcp {
+                    self.transport = None;
+                }
+            } else if self.ever_configured || self.core.is_established() {
                 self.schedule_reconnect(&why);
             } else {
                 self.attempt_failed(&why)?;
@@ -638,15 +651,91 @@ impl Run {
                 ErrorReason::Revoked => return Err(ConnectError::Revoked),
                 ErrorReason::VpnUnavailable => return Err(ConnectError::VpnUnavailable),
                 ErrorReason::Overloaded => self.schedule_reconnect("the gateway is overloaded"),
+                ErrorReason::BadTicket => {
+                    self.ticket_refused(&detail);
+                    return Ok(());
+                }
                 _ => return Err(ConnectError::Refused(detail)),
             }
         }
         if let Some(lease) = seen.config {
             self.apply_lease(lease, helper)?;
         }
+        for d in seen.deltas {
+            self.apply_delta(&d, helper)?;
+        }
         if seen.closed {
             self.schedule_reconnect("the gateway closed the session");
         }
+        Ok(())
+    }
+
+    /// The gateway refused the resume ticket (BadTicket: expired, already used, sealed
+    /// before the gateway restarted, ...). The device is still trusted: drop the ticket
+    /// (the core already forgot it; the state dir's copy too) and connect again at once
+    /// without RESUME. That gets a lease, usually the same address, but the gateway's
+    /// side of the old session's connections is gone: they will be reset.
+    fn ticket_refused(&mut self, detail: &str) {
+        println!(
+            "the gateway refused the resume ticket ({detail}): connecting again without it; \
+             connections of the previous session are lost"
+        );
+        let _ = std::io::stdout().flush();
+        tracing::warn!(detail, "resume ticket refused (BadTicket): full handshake");
+        if let Some(st) = &mut self.tickets {
+            if let Err(e) = st.forget() {
+                tracing::warn!(error = %e, "the refused ticket stays in the state dir");
+            }
+        }
+        self.core.reset();
+        if self.kind == TransportKind::Tcp {
+            self.transport = None;
+        }
+        self.next_attempt = Some(self.now());
+    }
+
+    /// CONFIG_DELTA: the live lease changed on the gateway (docs/resume.md). Applied to
+    /// the TUN in place through the helper; the TUN's read buffer follows the MTU.
+    fn apply_delta(&mut self, d: &ConfigDelta, helper: &mut Helper) -> Result<(), ConnectError> {
+        let Some(old) = self.lease.clone() else {
+            tracing::debug!("CONFIG_DELTA before CONFIG: ignored");
+            return Ok(());
+        };
+        let mut new = old.clone();
+        if let Err(e) = d.apply(&mut new) {
+            tracing::warn!(error = %e, "CONFIG_DELTA not applicable: ignored");
+            return Ok(());
+        }
+        self.update_in_place(&old, new, helper)
+    }
+
+    /// Moves the live TUN from `old`'s configuration to `new`'s (same addresses).
+    fn update_in_place(
+        &mut self,
+        old: &Lease,
+        new: Lease,
+        helper: &mut Helper,
+    ) -> Result<(), ConnectError> {
+        if self.tun.is_some() {
+            helper.apply_delta(old, &new, self.addr.ip())?;
+        }
+        if let Some(tun) = self.tun.as_mut() {
+            let slot = usize::from(new.mtu) + 64;
+            if slot != tun.slot {
+                tun.slot = slot;
+                tun.buf = vec![0u8; slot * TUN_BATCH];
+            }
+        }
+        let dns: Vec<String> = new.dns.iter().map(IpAddr::to_string).collect();
+        println!(
+            "lease updated: MTU {}, DNS {}, {} routes",
+            new.mtu,
+            dns.join(" "),
+            new.routes.len()
+        );
+        let _ = std::io::stdout().flush();
+        tracing::info!(mtu = new.mtu, ?new.routes, ?new.dns, "lease changed in place");
+        self.lease = Some(new);
         Ok(())
     }
 
@@ -660,6 +749,20 @@ impl Run {
             let _ = std::io::stdout().flush();
             self.lease = Some(lease);
             return Ok(());
+        }
+        if let Some(old) = self
+            .lease
+            .clone()
+            .filter(|l| self.tun.is_some() && (l.ipv4, l.ipv6) == (lease.ipv4, lease.ipv6))
+        {
+            // A resume whose lease changed while the session was away (MTU, routes,
+            // DNS): the same addresses, so the TUN stays and only the difference is
+            // applied; the connections carry on.
+            println!(
+                "reconnected: same lease {}/{} (lease {}), its configuration changed",
+                lease.ipv4.addr, lease.ipv4.len, lease.id.0
+            );
+            return self.update_in_place(&old, lease, helper);
         }
         if self.tun.take().is_some() {
             tracing::info!("the lease changed: a new TUN");

@@ -219,6 +219,35 @@ impl Helper {
         self.expect_done("setting DNS", &SessionToHelper::SetDns { servers })
     }
 
+    /// Changes the live TUN from `old`'s configuration to `new`'s (same addresses): only
+    /// what differs — SetMtu, SetRoutes, SetDns. Teardown restores routes and DNS as
+    /// always (the helper's journal); the MTU goes with the TUN.
+    pub fn apply_delta(
+        &mut self,
+        old: &Lease,
+        new: &Lease,
+        gateway: IpAddr,
+    ) -> Result<(), ConnectError> {
+        if old.mtu != new.mtu {
+            self.expect_done("setting the MTU", &SessionToHelper::SetMtu { mtu: new.mtu })?;
+        }
+        if old.routes != new.routes {
+            let routes = BoundedVec::new(new.routes.clone())
+                .map_err(|_| ConnectError::HelperFailed("too many routes in the lease".into()))?;
+            self.expect_done(
+                "setting routes",
+                &SessionToHelper::SetRoutes { routes, gateway },
+            )?;
+        }
+        if old.dns != new.dns {
+            let servers = BoundedVec::new(new.dns.clone()).map_err(|_| {
+                ConnectError::HelperFailed("too many DNS servers in the lease".into())
+            })?;
+            self.expect_done("setting DNS", &SessionToHelper::SetDns { servers })?;
+        }
+        Ok(())
+    }
+
     /// TearDown: routes, DNS and the TUN restored.
     pub fn tear_down(&mut self) -> Result<(), ConnectError> {
         self.expect_done("tearing down", &SessionToHelper::TearDown)

@@ -122,6 +122,16 @@ impl TicketStore {
     }
 }
 
+impl TicketStore {
+    /// Forgets the kept ticket (the gateway refused it): both slots are overwritten
+    /// with zeros, whose checksum fails, and synced. A restarted `connect` then does a
+    /// full handshake instead of presenting the refused ticket again.
+    pub fn forget(&mut self) -> std::io::Result<()> {
+        self.file.write_all_at(&vec![0u8; 2 * SLOT], 0)?;
+        self.file.sync_data()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
@@ -188,6 +198,22 @@ mod tests {
         // A garbage or short file yields nothing, never an error.
         assert_eq!(newest(&[0xAB; 100], &[1; 32]), None);
         assert_eq!(newest(&[], &[1; 32]), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_forgotten_ticket_does_not_come_back_and_a_new_one_does() {
+        let d = dir("forget");
+        let gw = [3u8; 32];
+        let (mut st, _) = TicketStore::open(&d, gw).unwrap();
+        st.save(&[1; 100]).unwrap();
+        st.save(&[2; 100]).unwrap();
+        st.forget().unwrap();
+        let (mut st, t) = TicketStore::open(&d, gw).unwrap();
+        assert_eq!(t, None);
+        st.save(&[4; 90]).unwrap();
+        let (_, t) = TicketStore::open(&d, gw).unwrap();
+        assert_eq!(t, Some(vec![4; 90]));
         let _ = std::fs::remove_dir_all(&d);
     }
 }

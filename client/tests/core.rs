@@ -279,3 +279,49 @@ fn a_ticket_from_the_gateway_is_kept_and_presented_in_the_next_init() {
         .collect();
     assert_eq!(resumes, vec![vec![6u8; 140]]);
 }
+
+#[test]
+fn a_bad_ticket_error_drops_the_ticket_so_the_next_init_has_no_resume() {
+    let t0 = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(t0);
+    core.set_ticket(vec![6; 130]);
+    let mut rec = gateway_sends(&mut gw, t0, |w| {
+        w.error(ErrorReason::BadTicket, "the resume ticket was refused")
+            .unwrap();
+        w.close(vshp::message::CloseReason::Normal).unwrap();
+    });
+    let mut events = Vec::new();
+    core.handle_record(&mut rec, t0, &mut |e| events.push(format!("{e:?}")))
+        .unwrap();
+    assert!(events[0].contains("BadTicket"), "{events:?}");
+    assert_eq!(core.ticket(), None, "the refused ticket is dropped");
+    assert!(core.take_new_ticket().is_none());
+    // Another ERROR keeps the ticket.
+    let (mut core, mut gw, _) = established(t0);
+    core.set_ticket(vec![6; 130]);
+    let mut rec = gateway_sends(&mut gw, t0, |w| {
+        w.error(ErrorReason::Overloaded, "").unwrap();
+    });
+    core.handle_record(&mut rec, t0, &mut |_| {}).unwrap();
+    assert_eq!(core.ticket(), Some(&[6u8; 130][..]));
+}
+
+#[test]
+fn a_config_delta_from_the_gateway_reaches_the_driver() {
+    let t0 = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(t0);
+    let delta = vshp::message::ConfigDelta {
+        mtu: Some(1300),
+        dns: Some(vec![IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1))]),
+        ..Default::default()
+    };
+    let mut rec = gateway_sends(&mut gw, t0, |w| w.config_delta(&delta).unwrap());
+    let mut got = None;
+    core.handle_record(&mut rec, t0, &mut |e| {
+        if let Event::ConfigDelta(d) = e {
+            got = Some(d);
+        }
+    })
+    .unwrap();
+    assert_eq!(got, Some(delta));
+}

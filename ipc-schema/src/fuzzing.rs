@@ -251,6 +251,11 @@ pub mod samples {
                 handshake: h,
                 decision: Decision::Refuse(Refusal::Revoked),
             },
+            BrokerToWorker::Decision {
+                handshake: h,
+                decision: Decision::Refuse(Refusal::BadTicket),
+            },
+            BrokerToWorker::LeaseChanged { lease: lease() },
             BrokerToWorker::TicketSealed {
                 request: RequestId(1),
                 ticket: ticket(),
@@ -380,6 +385,7 @@ pub mod samples {
             SessionToHelper::SetDns {
                 servers: BoundedVec::new(l.dns).unwrap_or_default(),
             },
+            SessionToHelper::SetMtu { mtu: 1300 },
             SessionToHelper::TearDown,
         ]
     }

@@ -378,6 +378,7 @@ fn samples_cover_every_variant() {
             Decision,
             TicketSealed,
             TicketOpened,
+            LeaseChanged,
             ReportCounters,
             Shutdown,
         }
@@ -419,6 +420,7 @@ fn samples_cover_every_variant() {
             OpenTun,
             SetRoutes,
             SetDns,
+            SetMtu,
             TearDown
         }
     );

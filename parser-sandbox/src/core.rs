@@ -976,6 +976,7 @@ impl WorkerCore {
                     tracing::debug!("resume ticket sent");
                 }
             }
+            BrokerToWorker::LeaseChanged { lease } => self.on_lease_changed(lease, now),
             BrokerToWorker::AdoptTransport { .. } | BrokerToWorker::AttachDataPath { .. } => {}
             other => tracing::debug!(message = ?other, "broker message ignored"),
         }
@@ -1021,6 +1022,31 @@ impl WorkerCore {
                 self.send_close_with(Some(error), CloseReason::Normal, now);
                 self.end(Exit::Refused(*r));
             }
+        }
+    }
+
+    /// The broker changed the admitted lease's configuration: the peer gets a
+    /// CONFIG_DELTA with what differs (nothing is sent when nothing does). A lease with
+    /// another id or other addresses is not this session's: ignored.
+    fn on_lease_changed(&mut self, new: &Lease, now: Duration) {
+        let Some(old) = self.lease.as_ref() else {
+            return;
+        };
+        if self.phase != Phase::Admitted
+            || (old.id, old.ipv4, old.ipv6) != (new.id, new.ipv4, new.ipv6)
+        {
+            tracing::debug!(lease = new.id.0, "lease change for another lease ignored");
+            return;
+        }
+        let delta = vshp::message::ConfigDelta::between(old, new);
+        self.lease = Some(new.clone());
+        if delta.is_empty() {
+            return;
+        }
+        if self.send_data(now, |w| w.config_delta(&delta)) {
+            tracing::info!(?delta, "CONFIG_DELTA sent");
+        } else {
+            tracing::warn!("CONFIG_DELTA could not be sent");
         }
     }
 

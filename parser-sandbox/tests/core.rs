@@ -251,6 +251,7 @@ fn refusal_sends_error_and_close_then_ends() {
         (Refusal::PairingDenied, ErrorReason::NotApproved),
         (Refusal::VpnUnavailable, ErrorReason::VpnUnavailable),
         (Refusal::Overload, ErrorReason::Overloaded),
+        (Refusal::BadTicket, ErrorReason::BadTicket),
     ] {
         let (mut core, _) = new_core(TransportMode::Datagram);
         let (mut client, fin) = handshake(&mut core, true, None);
@@ -268,6 +269,50 @@ fn refusal_sends_error_and_close_then_ends() {
             vec![Owned::Error(reason), Owned::Close(CloseReason::Normal)]
         );
     }
+}
+
+#[test]
+fn a_changed_lease_reaches_the_peer_as_a_config_delta_of_what_differs() {
+    let (mut core, _) = new_core(TransportMode::Datagram);
+    let (mut client, fin) = handshake(&mut core, true, None);
+    admit(&mut core, &mut client, finished_id(&fin));
+    let mut changed = lease();
+    changed.mtu = 1300;
+    core.on_broker(
+        &BrokerToWorker::LeaseChanged {
+            lease: changed.clone(),
+        },
+        T0,
+    );
+    let recs = take_records(&mut core);
+    assert_eq!(recs.len(), 1);
+    let msgs = client.open(&recs[0], T0);
+    assert_eq!(msgs.len(), 1);
+    let Owned::Other(text) = &msgs[0] else {
+        panic!("{msgs:?}")
+    };
+    assert!(
+        text.starts_with("ConfigDelta") && text.contains("mtu: Some(1300)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dns: None") && text.contains("routes: None"),
+        "{text}"
+    );
+    assert_eq!(core.lease(), Some(&changed));
+    // The same lease again: nothing to send. Another lease (id): ignored.
+    core.on_broker(
+        &BrokerToWorker::LeaseChanged {
+            lease: changed.clone(),
+        },
+        T0,
+    );
+    let mut other = changed.clone();
+    other.id = vshp::lease::LeaseId(changed.id.0 + 1);
+    other.mtu = 1280;
+    core.on_broker(&BrokerToWorker::LeaseChanged { lease: other }, T0);
+    assert!(take_records(&mut core).is_empty());
+    assert_eq!(core.lease(), Some(&changed));
 }
 
 #[test]

@@ -164,6 +164,23 @@ pub struct ConfigDelta {
 }
 
 impl ConfigDelta {
+    /// What changed from `old` to `new` (addresses and id are not compared: they never
+    /// change within a session). Empty ([`ConfigDelta::is_empty`]) when nothing did.
+    pub fn between(old: &Lease, new: &Lease) -> Self {
+        Self {
+            dns: (old.dns != new.dns).then(|| new.dns.clone()),
+            mtu: (old.mtu != new.mtu).then_some(new.mtu),
+            routes: (old.routes != new.routes).then(|| new.routes.clone()),
+            expires_at_unix: (old.expires_at_unix != new.expires_at_unix)
+                .then_some(new.expires_at_unix),
+        }
+    }
+
+    /// Whether the delta changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
     /// Applies the delta to `lease`; on error the lease is unchanged.
     pub fn apply(&self, lease: &mut Lease) -> Result<(), LeaseError> {
         let mut next = lease.clone();
@@ -1010,6 +1027,22 @@ mod tests {
         assert!(bad.apply(&mut l).is_err());
         assert_eq!(l.mtu, 1300);
         assert_eq!(l.dns, lease().dns);
+    }
+
+    #[test]
+    fn delta_between_two_leases_names_only_what_changed_and_reproduces_the_new_one() {
+        let old = lease();
+        assert!(ConfigDelta::between(&old, &old).is_empty());
+        let mut new = old.clone();
+        new.mtu = 1300;
+        new.routes.truncate(1);
+        let d = ConfigDelta::between(&old, &new);
+        assert_eq!(d.mtu, Some(1300));
+        assert_eq!(d.routes.as_ref(), Some(&new.routes));
+        assert_eq!((d.dns.as_ref(), d.expires_at_unix), (None, None));
+        let mut applied = old.clone();
+        d.apply(&mut applied).unwrap();
+        assert_eq!(applied, new);
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub enum BrokerToWorker {
         request: RequestId,
         outcome: TicketOutcome,
     },
+    /// The admitted lease's configuration changed on the gateway (DNS, MTU, routes,
+    /// expiry; never its id or addresses): the worker sends the peer a CONFIG_DELTA
+    /// with what differs from the lease it has, and keeps this one.
+    LeaseChanged { lease: Lease },
     /// Send your counters.
     ReportCounters,
     /// Close the session (send VSHP CLOSE) and exit.
@@ -264,7 +268,8 @@ impl Message for BrokerToWorker {
             | Self::TicketOpened {
                 outcome: TicketOutcome::Valid { lease },
                 ..
-            } => Ok(lease.validate()?),
+            }
+            | Self::LeaseChanged { lease } => Ok(lease.validate()?),
             _ => Ok(()),
         }
     }

@@ -36,6 +36,9 @@ pub enum SessionToHelper {
     SetDns {
         servers: BoundedVec<IpAddr, MAX_LEASE_DNS>,
     },
+    /// Change the live TUN's MTU (a CONFIG_DELTA of the gateway). The TUN goes at
+    /// teardown, so nothing needs restoring.
+    SetMtu { mtu: u16 },
     /// Remove the TUN, restore routes and DNS.
     TearDown,
 }
@@ -90,6 +93,13 @@ impl Message for SessionToHelper {
                 Route::V4(p) => prefix_ok(p.len, 32),
                 Route::V6(p) => prefix_ok(p.len, 128),
             }),
+            Self::SetMtu { mtu } => {
+                if (MIN_LEASE_MTU..=MAX_LEASE_MTU).contains(mtu) {
+                    Ok(())
+                } else {
+                    Err(InvalidMessage::Rule("TUN MTU outside the lease's bounds"))
+                }
+            }
             Self::SetDns { .. } | Self::TearDown => Ok(()),
         }
     }
