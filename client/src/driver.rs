@@ -600,9 +600,7 @@ impl Run {
             if bad_ticket {
                 // The gateway closes the connection after BadTicket; the new handshake
                 // (already scheduled) opens a new one.
-                if self.kind == TransportKind::Tcp {
-                    self.transport = None;
-                }
+                self.transport = None;
             } else if self.ever_configured || self.core.is_established() {
                 self.schedule_reconnect(&why);
             } else {
@@ -688,9 +686,10 @@ impl Run {
             }
         }
         self.core.reset();
-        if self.kind == TransportKind::Tcp {
-            self.transport = None;
-        }
+        // A new socket: over UDP the refused session's worker still holds the socket
+        // connected to our old port until it exits; a new port reaches the gateway's
+        // listener at once. Over TCP the gateway closes the connection.
+        self.transport = None;
         self.next_attempt = Some(self.now());
     }
 
