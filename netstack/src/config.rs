@@ -30,6 +30,13 @@ pub enum Egress {
     InterfaceIndex(u32),
 }
 
+/// Default [`Caps::max_tcp_flows`]: a browser, sync clients and a few downloads hold
+/// hundreds to a few thousand connections; 16,384 leaves room for a busy peer (and
+/// for the 10,000-flow benchmark) while one peer still cannot take every descriptor.
+pub const DEFAULT_TCP_FLOWS_PER_LEASE: usize = 16_384;
+/// Default [`Caps::max_total_flows`] (the netstack's RLIMIT_NOFILE is 65,536).
+pub const DEFAULT_TOTAL_FLOWS: usize = 64_000;
+
 /// Per-peer (per-lease) resource caps. One peer cannot exceed these whatever it sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caps {
@@ -43,14 +50,16 @@ pub struct Caps {
     pub max_ping_mappings: usize,
     /// DNS queries forwarded upstream and not yet answered, per lease.
     pub max_dns_pending: usize,
-    /// Bytes of smoltcp socket buffers per lease.
+    /// Bytes of smoltcp TCP socket buffers per lease (their current sizes: buffers
+    /// start small and grow with demand). A new flow that does not fit is reset; a
+    /// flow whose growth would not fit keeps its size.
     pub max_buffer_bytes: usize,
     /// Bytes of packets queued from the client and not yet processed, per lease.
     pub max_inbound_queue_bytes: usize,
     /// Bytes of packets queued for the client and not yet drained, per lease.
     pub max_outbound_queue_bytes: usize,
     /// All flows of all leases together (bounds file descriptors: each flow holds
-    /// one; 7168 leaves room under the RLIMIT_NOFILE of 8192 `confine` sets).
+    /// one). The process lowers it to what its RLIMIT_NOFILE leaves room for.
     pub max_total_flows: usize,
     /// Entries in the shared DNS cache.
     pub max_dns_cache_entries: usize,
@@ -59,15 +68,15 @@ pub struct Caps {
 impl Default for Caps {
     fn default() -> Self {
         Self {
-            max_tcp_flows: 512,
-            max_pending_connects: 64,
-            max_udp_mappings: 256,
+            max_tcp_flows: DEFAULT_TCP_FLOWS_PER_LEASE,
+            max_pending_connects: 256,
+            max_udp_mappings: 1024,
             max_ping_mappings: 16,
             max_dns_pending: 64,
-            max_buffer_bytes: 32 * 1024 * 1024,
-            max_inbound_queue_bytes: 2 * 1024 * 1024,
-            max_outbound_queue_bytes: 2 * 1024 * 1024,
-            max_total_flows: 7_168,
+            max_buffer_bytes: 192 * 1024 * 1024,
+            max_inbound_queue_bytes: 4 * 1024 * 1024,
+            max_outbound_queue_bytes: 4 * 1024 * 1024,
+            max_total_flows: DEFAULT_TOTAL_FLOWS,
             max_dns_cache_entries: 4096,
         }
     }
@@ -103,6 +112,10 @@ impl Default for Timeouts {
     }
 }
 
+/// An established flow whose buffers grew goes back to
+/// [`Config::tcp_buffer_initial`] after this long without traffic.
+pub const TCP_BUFFER_SHRINK_AFTER: Duration = Duration::from_secs(10);
+
 /// Everything `Netstack::new` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -114,8 +127,14 @@ pub struct Config {
     pub caps: Caps,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Size of each smoltcp TCP socket buffer (receive and send alike).
+    /// Largest size each smoltcp TCP socket buffer (receive and send alike) may grow
+    /// to; also sets the window scale offered. Sized for the bandwidth-delay product
+    /// of the client's path (1 MiB: 8 Gbit/s at 1 ms).
     pub tcp_buffer_size: usize,
+    /// Size each TCP socket buffer starts with. Buffers double while the flow's
+    /// throughput is limited by them, and go back to this size after
+    /// [`TCP_BUFFER_SHRINK_AFTER`] without traffic, so an idle flow costs a few KiB.
+    pub tcp_buffer_initial: usize,
 }
 
 impl Default for Config {
@@ -125,7 +144,8 @@ impl Default for Config {
             egress: Egress::Any,
             caps: Caps::default(),
             timeouts: Timeouts::default(),
-            tcp_buffer_size: 64 * 1024,
+            tcp_buffer_size: 1024 * 1024,
+            tcp_buffer_initial: 4 * 1024,
         }
     }
 }

@@ -98,6 +98,10 @@ pub struct Counters {
     pub tcp_unreachable: u64,
     /// Flows closed for idleness.
     pub idle_timeouts: u64,
+    /// TCP flows whose buffers doubled because they limited the flow.
+    pub tcp_buffer_grows: u64,
+    /// Idle TCP flows whose buffers went back to their initial size.
+    pub tcp_buffer_shrinks: u64,
     /// DNS queries received from clients.
     pub dns_queries: u64,
     /// DNS queries answered from the cache.

@@ -7,7 +7,7 @@ use crate::counters::DropReason;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vshp::lease::LeaseId;
 
 /// Identifies a flow inside one netstack (also its mio token).
@@ -339,6 +339,39 @@ impl<T> FlowTable<T> {
         Ok(())
     }
 
+    /// The flow's buffers now take `new_bytes` (growth is refused, flow unchanged,
+    /// when the lease's buffer cap would be exceeded).
+    pub fn resize_buffers(
+        &mut self,
+        id: FlowId,
+        new_bytes: usize,
+        caps: &Caps,
+    ) -> Result<(), DropReason> {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return Err(DropReason::Malformed);
+        };
+        let lf = self.leases.entry(e.key.lease()).or_default();
+        let others = lf.usage.buffer_bytes.saturating_sub(e.buffer_bytes);
+        if new_bytes > e.buffer_bytes && others.saturating_add(new_bytes) > caps.max_buffer_bytes {
+            return Err(DropReason::BufferCap);
+        }
+        lf.usage.buffer_bytes = others.saturating_add(new_bytes);
+        e.buffer_bytes = new_bytes;
+        Ok(())
+    }
+
+    /// Flows holding more than `bytes` of buffers with no traffic since `idle`
+    /// (candidates for shrinking).
+    pub fn oversized_idle(&self, now: Instant, idle: Duration, bytes: usize) -> Vec<FlowId> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| {
+                e.buffer_bytes > bytes && now.saturating_duration_since(e.last_active) >= idle
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Whether the flow's TCP connect is still pending.
     #[cfg(test)]
     pub fn is_connecting(&self, id: FlowId) -> bool {
@@ -445,7 +478,6 @@ impl<T> FlowTable<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn tcp(lease: u64, port: u16) -> FlowKey {
         FlowKey::Tcp {

@@ -16,7 +16,7 @@
 //! the current time; `poll` returns the next deadline (smoltcp's `poll_at`, flow
 //! timeouts), so nothing ever sleep-polls.
 
-use crate::config::{Config, Egress};
+use crate::config::{Config, Egress, TCP_BUFFER_SHRINK_AFTER};
 use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::{LeaseQueues, Queue};
 use crate::dns::{self, CacheKey, DnsCache};
@@ -167,6 +167,8 @@ struct RelayState {
     os_eof: bool,
     os_shut_wr: bool,
     established: bool,
+    /// Bytes written to the OS socket during the current service.
+    to_os: usize,
 }
 
 #[derive(Debug)]
@@ -807,7 +809,8 @@ impl Netstack {
 
     fn tcp_open(&mut self, id: FlowId, syn: Vec<u8>, now: Instant) {
         let smol_now = self.smol(now);
-        let bufsize = self.config.tcp_buffer_size;
+        let max = self.config.tcp_buffer_size.max(1);
+        let bufsize = self.config.tcp_buffer_initial.clamp(1, max);
         let need = bufsize.saturating_mul(2);
         let Some(key) = self.flows.key(id) else {
             return;
@@ -840,6 +843,9 @@ impl Netstack {
             return;
         }
         sock.set_nagle_enabled(false);
+        // The window scale is offered in the SYN-ACK: choose it for the largest
+        // buffer the flow may grow to.
+        sock.set_max_rx_capacity(max);
         let mut rx = Queue::new(usize::MAX);
         let iface = peer.new_interface(smol_now, Some(&mut rx));
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
@@ -869,6 +875,44 @@ impl Netstack {
         self.flows.wake(id);
         // A listener whose SYN smoltcp did not take is forgotten after the grace.
         self.flows.set_timer(id, now + LISTEN_GRACE);
+    }
+
+    /// The smoltcp side of an open TCP flow.
+    fn open_tcp(&mut self, id: FlowId) -> Option<&mut OpenTcp> {
+        match self.flows.get_mut(id) {
+            Some(Flow::Tcp(TcpFlow {
+                state: TcpState::Open(open),
+                ..
+            })) => Some(open),
+            _ => None,
+        }
+    }
+
+    /// Gives flows idle for [`TCP_BUFFER_SHRINK_AFTER`] their initial buffers back
+    /// (when nothing waits in them), so that a flow that once moved a lot costs a few
+    /// KiB while it idles.
+    fn shrink_idle_buffers(&mut self, now: Instant) {
+        let initial = self
+            .config
+            .tcp_buffer_initial
+            .clamp(1, self.config.tcp_buffer_size.max(1));
+        let ids = self
+            .flows
+            .oversized_idle(now, TCP_BUFFER_SHRINK_AFTER, initial * 2);
+        for id in ids {
+            let Some(open) = self.open_tcp(id) else {
+                continue;
+            };
+            let sock = open.sockets.get_mut::<tcp::Socket>(open.handle);
+            if sock.recv_queue() > 0 || sock.send_queue() > 0 || sock.has_out_of_order_data() {
+                continue;
+            }
+            let _ = sock.replace_rx_buffer(vec![0; initial]);
+            let _ = sock.replace_tx_buffer(vec![0; initial]);
+            let bytes = sock.recv_capacity() + sock.send_capacity();
+            let _ = self.flows.resize_buffers(id, bytes, &self.config.caps);
+            self.counters.tcp_buffer_shrinks += 1;
+        }
     }
 
     /// Drops a flow's state (sockets closed; `abortive`: TCP peer gets RST).
@@ -1541,6 +1585,7 @@ impl Netstack {
             opened,
         } = &mut **open;
         iface.poll(smol_now, &mut peer.q.link(rx), sockets);
+        st.to_os = 0;
         let mut moved_any = false;
         let mut again = false;
         let mut rounds = 0;
@@ -1565,13 +1610,40 @@ impl Netstack {
             }
         }
         let blocked = !peer.q.tx.has_room(peer.q.mtu);
-        let next = iface.poll_at(smol_now, sockets);
         let sock = sockets.get::<tcp::Socket>(*handle);
-        let finished = finished_state(st, sock, *opened, now);
-        if let Some(abortive) = finished {
+        if let Some(abortive) = finished_state(st, sock, *opened, now) {
             self.forget_flow(id, abortive);
             return;
         }
+        // Buffers that limit the flow double (up to the configured size, within the
+        // lease's buffer cap); the new room is used at once.
+        let (rx_cap, tx_cap) = (sock.recv_capacity(), sock.send_capacity());
+        let (grow_rx, grow_tx) = grow_wanted(st, sock, self.config.tcp_buffer_size);
+        let (new_rx, new_tx) = (rx_cap.max(grow_rx), tx_cap.max(grow_tx));
+        if (new_rx, new_tx) != (rx_cap, tx_cap)
+            && self
+                .flows
+                .resize_buffers(id, new_rx + new_tx, &self.config.caps)
+                .is_ok()
+            && let Some(open) = self.open_tcp(id)
+        {
+            let sock = open.sockets.get_mut::<tcp::Socket>(open.handle);
+            if new_rx != rx_cap {
+                let _ = sock.replace_rx_buffer(vec![0; new_rx]);
+            }
+            if new_tx != tx_cap {
+                let _ = sock.replace_tx_buffer(vec![0; new_tx]);
+            }
+            // Growing keeps all data, so both succeed; keep the books right anyway.
+            let bytes = sock.recv_capacity() + sock.send_capacity();
+            let _ = self.flows.resize_buffers(id, bytes, &self.config.caps);
+            self.counters.tcp_buffer_grows += 1;
+            again = true;
+        }
+        let Some(open) = self.open_tcp(id) else {
+            return;
+        };
+        let next = open.iface.poll_at(smol_now, &open.sockets);
         if moved_any {
             self.flows.touch(id, now);
         }
@@ -1608,6 +1680,7 @@ impl Netstack {
                 }
             }
         }
+        self.shrink_idle_buffers(now);
         let late: Vec<u16> = self
             .dns_pending
             .iter()
@@ -1679,7 +1752,10 @@ fn relay(
         });
         match r {
             Ok(Ok(0)) | Err(_) => break,
-            Ok(Ok(_)) => moved = true,
+            Ok(Ok(n)) => {
+                st.to_os += n;
+                moved = true;
+            }
             Ok(Err(e)) if is_would_block(&e) => st.writable = false,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(_)) => {
@@ -1732,6 +1808,32 @@ fn relay(
         }
     }
     moved
+}
+
+/// The buffer sizes a flow should grow to, `(rx, tx)` (0: no change): the receive
+/// buffer when the client filled at least half of it since the last service and the
+/// OS socket took it all (the window, not the server, was the limit); the send
+/// buffer when it is full, the server has more, and the client's window would take
+/// more (the buffer, not a slow client, is the limit).
+fn grow_wanted(st: &RelayState, sock: &tcp::Socket<'static>, max: usize) -> (usize, usize) {
+    let (rx_cap, tx_cap) = (sock.recv_capacity(), sock.send_capacity());
+    let rx = if rx_cap < max && st.writable && st.to_os >= rx_cap / 2 {
+        (rx_cap * 2).min(max)
+    } else {
+        0
+    };
+    let tx = if tx_cap < max
+        && st.readable
+        && !st.os_eof
+        && sock.may_send()
+        && sock.send_queue() >= tx_cap
+        && sock.remote_window() >= tx_cap
+    {
+        (tx_cap * 2).min(max)
+    } else {
+        0
+    };
+    (rx, tx)
 }
 
 /// Whether a flow is over: `Some(abortive)` when it can be forgotten.

@@ -131,8 +131,9 @@ fn buffer_memory_cap_limits_established_flows() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut config = loopback_config();
-    config.tcp_buffer_size = 16 * 1024;
-    // Room for exactly 5 flows' buffers (2 × 16 KiB each).
+    config.tcp_buffer_initial = 16 * 1024;
+    // Room for exactly 5 flows' initial buffers (2 × 16 KiB each; none grows: the
+    // flows stay idle).
     config.caps.max_buffer_bytes = 5 * 32 * 1024;
     let mut h = Harness::new(config);
     let pkts: Vec<Vec<u8>> = (0..10)
