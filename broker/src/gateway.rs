@@ -108,6 +108,32 @@ pub struct GatewayConfig {
     pub netstack_exe: Option<PathBuf>,
     /// How long a pairing request waits for the user's decision (`--pairing-timeout`).
     pub pairing_timeout_secs: u64,
+    /// Flow caps handed to the netstack process (`--max-flows-per-peer`, `--max-flows`).
+    pub netstack_limits: NetstackLimits,
+}
+
+/// The netstack's flow caps, passed on its command line (`docs/netstack.md`); `None`:
+/// the netstack's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetstackLimits {
+    /// TCP flows one peer may hold open.
+    pub max_flows_per_peer: Option<u32>,
+    /// Flows of all peers together.
+    pub max_flows: Option<u32>,
+}
+
+impl NetstackLimits {
+    /// The `vpnshare-netstack` arguments for these caps.
+    pub fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(n) = self.max_flows_per_peer {
+            v.extend(["--max-flows-per-peer".to_owned(), n.to_string()]);
+        }
+        if let Some(n) = self.max_flows {
+            v.extend(["--max-flows".to_owned(), n.to_string()]);
+        }
+        v
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -431,7 +457,8 @@ impl Gateway {
         let result = (|| -> Result<Netstack, String> {
             let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
             set_timeouts(&ours).map_err(|e| e.to_string())?;
-            let child = spawn_with_fd3(&exe, &[], theirs.as_fd()).map_err(|e| e.to_string())?;
+            let args = self.cfg.netstack_limits.args();
+            let child = spawn_with_fd3(&exe, &args, theirs.as_fd()).map_err(|e| e.to_string())?;
             drop(theirs);
             let chan = Channel::<bn::BrokerEnd>::open(ours).map_err(|e| e.to_string());
             match chan {

@@ -59,6 +59,7 @@ pub struct GatewayArgs {
     pub mdns: bool,
     pub mdns_name: Option<String>,
     pub pairing_timeout_secs: u64,
+    pub netstack_limits: broker::gateway::NetstackLimits,
 }
 
 pub fn gateway(args: GatewayArgs) -> CmdResult {
@@ -69,6 +70,7 @@ pub fn gateway(args: GatewayArgs) -> CmdResult {
         mdns,
         mdns_name,
         pairing_timeout_secs,
+        netstack_limits,
     } = args;
     let (listen, egress) = (listen.as_str(), egress.as_str());
     let listen: SocketAddr = listen
@@ -89,6 +91,7 @@ pub fn gateway(args: GatewayArgs) -> CmdResult {
         worker_exe: broker::sibling_binary(broker::WORKER_ENV, broker::WORKER_BIN),
         netstack_exe: broker::sibling_binary(broker::NETSTACK_ENV, broker::NETSTACK_BIN),
         pairing_timeout_secs,
+        netstack_limits,
     };
     let (mut gw, started) = Gateway::start(cfg).map_err(|e| e.to_string())?;
     if egress == EgressPolicy::Any {

@@ -45,6 +45,13 @@ enum Command {
         #[arg(long, default_value_t = broker::pairing::PAIRING_TTL_SECS,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         pairing_timeout: u64,
+        /// TCP connections one peer may hold open through the netstack (default 16384).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_flows_per_peer: Option<u32>,
+        /// Connections and UDP mappings of all peers together (default 64000, lowered
+        /// to what the netstack's descriptor limit allows).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_flows: Option<u32>,
     },
     /// Print this device's public key (created if absent) as the last line.
     Id {
@@ -123,6 +130,8 @@ fn main() -> ExitCode {
             no_mdns,
             mdns_name,
             pairing_timeout,
+            max_flows_per_peer,
+            max_flows,
         } => commands::gateway(commands::GatewayArgs {
             listen,
             state_dir,
@@ -130,6 +139,10 @@ fn main() -> ExitCode {
             mdns: !no_mdns,
             mdns_name,
             pairing_timeout_secs: pairing_timeout,
+            netstack_limits: broker::gateway::NetstackLimits {
+                max_flows_per_peer,
+                max_flows,
+            },
         }),
         Command::Id { state_dir } => commands::id(state_dir),
         Command::Peers { state_dir, args } => commands::peers(state_dir, &args),

@@ -125,20 +125,39 @@ impl RunError {
     }
 }
 
-/// The command line: `vpnshare-netstack [--resolv-conf PATH]`.
+/// The command line: `vpnshare-netstack [--resolv-conf PATH] [--max-flows-per-peer N]
+/// [--max-flows N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
     /// Where the DNS upstreams are read from (once, before confinement).
     pub resolv_conf: PathBuf,
+    /// TCP flows per lease (`Caps::max_tcp_flows`; default
+    /// [`DEFAULT_TCP_FLOWS_PER_LEASE`](crate::config::DEFAULT_TCP_FLOWS_PER_LEASE)).
+    pub max_flows_per_peer: Option<usize>,
+    /// Flows of all leases (`Caps::max_total_flows`; default
+    /// [`DEFAULT_TOTAL_FLOWS`](crate::config::DEFAULT_TOTAL_FLOWS)), lowered to what the
+    /// RLIMIT_NOFILE leaves room for.
+    pub max_flows: Option<usize>,
 }
 
-pub const USAGE: &str =
-    "vpnshare-netstack [--resolv-conf PATH]   (fd 3: the broker channel; logs on stderr)";
+pub const USAGE: &str = "vpnshare-netstack [--resolv-conf PATH] [--max-flows-per-peer N] [--max-flows N]   (fd 3: the broker channel; logs on stderr)";
+
+/// Descriptors kept out of the flow budget: stdio, the broker channel, the epoll
+/// instances, one data channel per lease, the DNS upstream sockets.
+pub const RESERVED_FDS: usize = 1024;
+
+fn count_arg(name: &str, v: Option<String>) -> Result<usize, StartError> {
+    v.and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| StartError::Usage(format!("{name} needs a count of at least 1\n{USAGE}")))
+}
 
 impl Args {
     pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Self, StartError> {
         let mut args = Self {
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            max_flows_per_peer: None,
+            max_flows: None,
         };
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -148,6 +167,10 @@ impl Args {
                     })?;
                     args.resolv_conf = PathBuf::from(v);
                 }
+                "--max-flows-per-peer" => {
+                    args.max_flows_per_peer = Some(count_arg(&arg, it.next())?);
+                }
+                "--max-flows" => args.max_flows = Some(count_arg(&arg, it.next())?),
                 other => {
                     return Err(StartError::Usage(format!(
                         "unknown argument {other:?}\n{USAGE}"
@@ -193,6 +216,20 @@ pub fn start(args: &Args) -> Result<Started, StartError> {
     sock.set_write_timeout(Some(BROKER_IO_TIMEOUT))
         .map_err(StartError::Socket)?;
     let broker = Channel::<bn::NetstackEnd>::open(sock)?;
+    // What `confine` will set RLIMIT_NOFILE to: the role's value, or the hard limit
+    // if that is lower (read now: getrlimit is not in the confined allowlist).
+    let nofile = security::profile(Role::Netstack).max_open_files.min(
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(_, hard)| hard)
+            .unwrap_or(u64::MAX),
+    );
+    let caps = caps_for(args, nofile);
+    tracing::info!(
+        max_flows_per_peer = caps.max_tcp_flows,
+        max_flows = caps.max_total_flows,
+        nofile,
+        "flow caps"
+    );
     let options = ConfineOptions {
         keep_fds: vec![BROKER_FD],
         keep_stdio: true,
@@ -204,10 +241,28 @@ pub fn start(args: &Args) -> Result<Started, StartError> {
         broker,
         config: Config {
             dns_upstreams,
+            caps,
             ..Config::default()
         },
         confinement,
     })
+}
+
+/// The caps from the command line, the total lowered to what `nofile` descriptors
+/// leave room for (one per flow, [`RESERVED_FDS`] kept for the rest), and the
+/// per-lease TCP cap to the total.
+pub fn caps_for(args: &Args, nofile: u64) -> crate::Caps {
+    let mut caps = crate::Caps::default();
+    let room = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(RESERVED_FDS)
+        .max(1);
+    caps.max_total_flows = args.max_flows.unwrap_or(caps.max_total_flows).min(room);
+    caps.max_tcp_flows = args
+        .max_flows_per_peer
+        .unwrap_or(caps.max_tcp_flows)
+        .min(caps.max_total_flows);
+    caps
 }
 
 /// Runs until `Shutdown` (returns [`exit_code::OK`]) or until the broker channel ends.
@@ -970,4 +1025,46 @@ fn check_hello(body: &[u8]) -> Result<(), DataError> {
         ipc_schema::Role::Worker,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Args, StartError> {
+        Args::parse(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flow_caps_come_from_the_command_line_within_the_descriptor_limit() {
+        let a = args(&["--max-flows-per-peer", "20000", "--max-flows", "30000"]).unwrap();
+        assert_eq!(
+            (a.max_flows_per_peer, a.max_flows),
+            (Some(20_000), Some(30_000))
+        );
+        let caps = caps_for(&a, 65_536);
+        assert_eq!((caps.max_tcp_flows, caps.max_total_flows), (20_000, 30_000));
+        // A lower RLIMIT_NOFILE lowers the total, and the per-peer cap with it.
+        let caps = caps_for(&a, 8192);
+        assert_eq!(caps.max_total_flows, 8192 - RESERVED_FDS);
+        assert_eq!(caps.max_tcp_flows, 8192 - RESERVED_FDS);
+        // Defaults.
+        let caps = caps_for(&args(&[]).unwrap(), 65_536);
+        assert_eq!(
+            (caps.max_tcp_flows, caps.max_total_flows),
+            (
+                crate::config::DEFAULT_TCP_FLOWS_PER_LEASE,
+                crate::config::DEFAULT_TOTAL_FLOWS
+            )
+        );
+        for bad in [
+            &["--max-flows"][..],
+            &["--max-flows", "0"],
+            &["--max-flows-per-peer", "many"],
+            &["--bogus"],
+        ] {
+            assert!(matches!(args(bad), Err(StartError::Usage(_))), "{bad:?}");
+        }
+    }
 }

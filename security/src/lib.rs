@@ -155,7 +155,9 @@ pub fn profile(role: Role) -> Profile {
         },
         Role::Netstack => Profile {
             keep_cap: None,
-            max_open_files: 8192,
+            // One descriptor per relayed flow: up to 64,000 flows of all peers
+            // (netstack `DEFAULT_TOTAL_FLOWS`) plus the data channels and DNS sockets.
+            max_open_files: 65_536,
             max_data_bytes: Some(2048 * MIB),
             empty_root: false,
             nproc_zero_allowed: true,
