@@ -214,7 +214,7 @@ pub fn vpnshare(topo: &Topo, tools: &Tools, transport: &'static str) -> Result<R
     let gw_dir = topo.dir.join(format!("gateway-{transport}"));
     let laptop_dir = topo.dir.join(format!("laptop-{transport}"));
     let resolv = topo.dir.join(format!("resolv-{transport}.conf"));
-    std::fs::write(&resolv, format!("nameserver {}\n", topo::INET_IP))
+    std::fs::write(&resolv, format!("nameserver {}\n", topo::SERVER_IP))
         .map_err(|e| Error::Setup(format!("{}: {e}", resolv.display())))?;
     let vpnshare = tools.bins.join("vpnshare");
     let listen = format!("{PHONE_LAN_IP}:{VSHP_PORT}");

@@ -23,6 +23,11 @@ pub const LAPTOP_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
 pub const PHONE_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 1);
 pub const PHONE_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 1);
 pub const INET_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 2, 2);
+/// The servers' address in the internet namespace (on its loopback; RFC 2544's
+/// benchmarking range). Not on any subnet of the phone: the gateway refuses to forward
+/// to its own networks (design §5.6), so a server on the phone's WAN subnet would be
+/// unreachable through VPN Share.
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The boringtun tunnel's subnet (laptop .2, phone .1).
 pub const WG_NET: &str = "10.202.0.0/24";
 pub const WG_LAPTOP: &str = "10.202.0.2/24";
@@ -34,7 +39,7 @@ pub const ECHO_PORT: u16 = 7000;
 pub const GREET_PORT: u16 = 7001;
 
 pub fn inet(port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(INET_IP, port))
+    SocketAddr::V4(SocketAddrV4::new(SERVER_IP, port))
 }
 
 /// Set when SIGINT/SIGTERM arrived: every wait gives up.
@@ -231,6 +236,15 @@ impl Topo {
         ip(&["-n", p, "addr", "add", &cidr(PHONE_LAN_IP), "dev", "lan0p"])?;
         ip(&["-n", p, "addr", "add", &cidr(PHONE_WAN_IP), "dev", "wan0"])?;
         ip(&["-n", i, "addr", "add", &cidr(INET_IP), "dev", "wan0p"])?;
+        ip(&[
+            "-n",
+            i,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
         for (ns, dev) in [(l, "lan0"), (p, "lan0p"), (p, "wan0"), (i, "wan0p")] {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
