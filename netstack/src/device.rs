@@ -8,20 +8,34 @@ use std::collections::VecDeque;
 
 /// Most spare buffers kept per pool.
 const MAX_POOLED: usize = 256;
+/// Most bytes of spare capacity kept per pool: with a large lease MTU (up to
+/// 65,000) 256 spare buffers could pin 16 MiB; a pool never needs to hold more than
+/// its queue's bound.
+const MAX_POOLED_BYTES: usize = 2 * 1024 * 1024;
 
 /// A pool of reusable packet buffers.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     free: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 impl Pool {
     pub fn take(&mut self) -> Vec<u8> {
-        self.free.pop().unwrap_or_default()
+        match self.free.pop() {
+            Some(b) => {
+                self.bytes = self.bytes.saturating_sub(b.capacity());
+                b
+            }
+            None => Vec::new(),
+        }
     }
     pub fn give(&mut self, mut buf: Vec<u8>) {
-        if self.free.len() < MAX_POOLED {
+        if self.free.len() < MAX_POOLED
+            && self.bytes.saturating_add(buf.capacity()) <= MAX_POOLED_BYTES
+        {
             buf.clear();
+            self.bytes += buf.capacity();
             self.free.push(buf);
         }
     }
@@ -289,6 +303,22 @@ mod tests {
             assert_eq!(rx.consume(|b| b.len()), 400);
         }
         assert_eq!(q.inbound_bytes, 0);
+    }
+
+    #[test]
+    fn pool_is_bounded_in_bytes() {
+        let mut p = Pool::default();
+        for _ in 0..100 {
+            p.give(Vec::with_capacity(65_000));
+        }
+        assert!(p.free.len() * 65_000 <= MAX_POOLED_BYTES);
+        assert!(p.bytes <= MAX_POOLED_BYTES);
+        let n = p.free.len();
+        assert!(n > 0);
+        for _ in 0..n {
+            assert!(p.take().capacity() >= 65_000);
+        }
+        assert_eq!(p.bytes, 0);
     }
 
     #[test]
