@@ -454,7 +454,17 @@ impl IperfServer {
             p.stop(Duration::from_secs(1));
         }
         let mut cmd = Topo::cmd(&self.ns, "iperf3");
-        cmd.args(["-s", "--forceflush", "-p", &IPERF_PORT.to_string()]);
+        // Bound to the server address: a UDP test's replies must come from it (the
+        // namespace's routes would otherwise pick the WAN address as the source).
+        let bind = topo::SERVER_IP.to_string();
+        cmd.args([
+            "-s",
+            "--forceflush",
+            "-B",
+            &bind,
+            "-p",
+            &IPERF_PORT.to_string(),
+        ]);
         let mut p = Proc::spawn("iperf3 -s", &mut cmd)?;
         p.wait_line("Server listening", Duration::from_secs(5))?;
         self.proc = Some(p);
@@ -476,7 +486,7 @@ impl IperfServer {
             .stderr(std::process::Stdio::null())
             .process_group_0();
         let mut child = cmd.spawn().map_err(|e| format!("iperf3: {e}"))?;
-        let end = Instant::now() + Duration::from_secs(u64::from(spec.seconds) + 20);
+        let end = Instant::now() + Duration::from_secs(u64::from(spec.seconds) + 12);
         let done = loop {
             if let Ok(Some(_)) = child.try_wait() {
                 break true;
