@@ -339,6 +339,7 @@ fn real_main(args: Args) -> Result<(), Error> {
         cfg.secs
     );
 
+    let started = Instant::now();
     let topo = Topo::build()?;
     probes::start_servers(&topo.inet)?;
     let mut iperf = IperfServer::start(&topo)?;
@@ -392,6 +393,7 @@ fn real_main(args: Args) -> Result<(), Error> {
         }
     }
     rep.machine.loadavg_end = read("/proc/loadavg").trim().to_owned();
+    rep.elapsed_s = started.elapsed().as_secs_f64().round();
     rep.compute_ratios();
     println!(
         "\nVPN Share end-to-end, {} on {} ({} CPUs, {}), load at start {}{}",
@@ -411,7 +413,11 @@ fn real_main(args: Args) -> Result<(), Error> {
         .map_err(|e| Error::Setup(format!("serialising the report: {e}")))?;
     std::fs::write(&args.out, json + "\n")
         .map_err(|e| Error::Setup(format!("{}: {e}", args.out.display())))?;
-    println!("written: {}", args.out.display());
+    println!(
+        "written: {} (measured in {:.0} s)",
+        args.out.display(),
+        rep.elapsed_s
+    );
     Ok(())
 }
 
@@ -523,24 +529,30 @@ impl ProcessGroup for Command {
     }
 }
 
-/// Samples the total RSS of `pids` until stopped; returns the largest, in KiB.
+/// The largest total RSS seen, in KiB, and each process's share of it.
+type RssPeak = (u64, BTreeMap<u32, u64>);
+
+/// Samples the total RSS of `pids` until stopped.
 struct RssSampler {
     stop: Arc<AtomicBool>,
-    max: Arc<Mutex<u64>>,
+    max: Arc<Mutex<RssPeak>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RssSampler {
     fn start(pids: Vec<u32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let max = Arc::new(Mutex::new(0u64));
+        let max = Arc::new(Mutex::new((0u64, BTreeMap::new())));
         let (s, m) = (stop.clone(), max.clone());
         let thread = (!pids.is_empty()).then(|| {
             std::thread::spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    let kib = procstat::rss_kib(&pids);
+                    let by_pid = procstat::rss_kib_by_pid(&pids);
+                    let total: u64 = by_pid.values().sum();
                     if let Ok(mut g) = m.lock() {
-                        *g = (*g).max(kib);
+                        if total > g.0 {
+                            *g = (total, by_pid);
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -549,18 +561,25 @@ impl RssSampler {
         Self { stop, max, thread }
     }
 
-    fn finish(mut self) -> u64 {
+    fn finish(mut self) -> RssPeak {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.max.lock().map(|g| *g).unwrap_or(0)
+        self.max.lock().map(|g| g.clone()).unwrap_or_default()
     }
 }
 
-fn pids_of(roots: &[u32]) -> Vec<u32> {
+/// The pids of the trees under `roots`, and every pid's command name.
+fn pids_of(roots: &[u32], names: &mut BTreeMap<u32, String>) -> Vec<u32> {
     let all = procstat::all();
-    procstat::tree(&all, roots).iter().map(|p| p.pid).collect()
+    procstat::tree(&all, roots)
+        .into_iter()
+        .map(|p| {
+            names.insert(p.pid, p.comm);
+            p.pid
+        })
+        .collect()
 }
 
 const MIB: f64 = 1024.0;
@@ -621,7 +640,10 @@ fn measure(
 
     // Bulk TCP, with the CPU time and memory of every process of the scenario.
     let tck = procstat::clk_tck();
-    let (mut gw_cpu, mut cl_cpu, mut bytes, mut rss_max) = (0.0, 0.0, 0u64, 0u64);
+    let (mut gw_cpu, mut cl_cpu, mut bytes) = (0.0, 0.0, 0u64);
+    let mut rss_max: RssPeak = (0, BTreeMap::new());
+    let mut names = BTreeMap::new();
+    let (mut gw_ticks, mut cl_ticks) = (BTreeMap::new(), BTreeMap::new());
     let mut alone_up_1 = None;
     for (name, streams, reverse) in [
         ("tcp_up_1", 1, false),
@@ -639,7 +661,10 @@ fn measure(
         let (mut gbps, mut err) = (Vec::new(), None);
         for _ in 0..cfg.rounds {
             topo::interrupted()?;
-            let (gw, cl) = (pids_of(&run.gw_roots), pids_of(&run.client_roots));
+            let (gw, cl) = (
+                pids_of(&run.gw_roots, &mut names),
+                pids_of(&run.client_roots, &mut names),
+            );
             let (g0, c0) = (
                 procstat::CpuSnapshot::take(&gw),
                 procstat::CpuSnapshot::take(&cl),
@@ -650,13 +675,22 @@ fn measure(
                 procstat::CpuSnapshot::take(&gw),
                 procstat::CpuSnapshot::take(&cl),
             );
-            rss_max = rss_max.max(sampler.finish());
+            let peak = sampler.finish();
+            if peak.0 > rss_max.0 {
+                rss_max = peak;
+            }
             match r {
                 Ok(r) => {
                     gbps.push(r.bits_per_second / 1e9);
                     bytes += r.bytes;
                     gw_cpu += g0.seconds_until(&g1, tck);
                     cl_cpu += c0.seconds_until(&c1, tck);
+                    for (pid, t) in g0.by_pid_until(&g1) {
+                        *gw_ticks.entry(pid).or_insert(0u64) += t;
+                    }
+                    for (pid, t) in c0.by_pid_until(&c1) {
+                        *cl_ticks.entry(pid).or_insert(0u64) += t;
+                    }
                 }
                 Err(e) => err = Some(e),
             }
@@ -670,7 +704,19 @@ fn measure(
         let gb = bytes as f64 / 1e9;
         f.insert("cpu_gw_s_per_gb".into(), Figure::of(gw_cpu / gb));
         f.insert("cpu_client_s_per_gb".into(), Figure::of(cl_cpu / gb));
-        f.insert("rss_gw_mib".into(), Figure::of(rss_max as f64 / MIB));
+        f.insert("rss_gw_mib".into(), Figure::of(rss_max.0 as f64 / MIB));
+        // Per process (command name): where the time and the memory go.
+        for (prefix, ticks) in [
+            ("cpu_gw_s_per_gb", &gw_ticks),
+            ("cpu_client_s_per_gb", &cl_ticks),
+        ] {
+            for (name, t) in procstat::by_name(ticks, &names) {
+                f.insert(format!("{prefix}/{name}"), Figure::of(t as f64 / tck / gb));
+            }
+        }
+        for (name, kib) in procstat::by_name(&rss_max.1, &names) {
+            f.insert(format!("rss_gw_mib/{name}"), Figure::of(kib as f64 / MIB));
+        }
     } else if run.gw_roots.is_empty() {
         for k in ["cpu_gw_s_per_gb", "cpu_client_s_per_gb", "rss_gw_mib"] {
             f.insert(k.into(), Figure::none("kernel only: no process to measure"));

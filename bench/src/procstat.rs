@@ -132,13 +132,44 @@ impl CpuSnapshot {
 
     /// CPU seconds spent between `self` and `later`, over the processes in both.
     pub fn seconds_until(&self, later: &CpuSnapshot, tck: f64) -> f64 {
-        let ticks: u64 = later
+        self.by_pid_until(later).values().sum::<u64>() as f64 / tck
+    }
+
+    /// Ticks each process spent between `self` and `later` (processes in both).
+    pub fn by_pid_until(&self, later: &CpuSnapshot) -> BTreeMap<u32, u64> {
+        later
             .ticks
             .iter()
-            .filter_map(|(pid, t)| self.ticks.get(pid).map(|t0| t.saturating_sub(*t0)))
-            .sum();
-        ticks as f64 / tck
+            .filter_map(|(pid, t)| self.ticks.get(pid).map(|t0| (*pid, t.saturating_sub(*t0))))
+            .collect()
     }
+}
+
+/// Sums per-pid values by command name (`names`: pid → comm; unknown pids count as
+/// "?"), e.g. to say how much of the gateway's CPU time the netstack took.
+pub fn by_name<V: Copy + std::ops::Add<Output = V>>(
+    values: &BTreeMap<u32, V>,
+    names: &BTreeMap<u32, String>,
+) -> BTreeMap<String, V> {
+    let mut out: BTreeMap<String, V> = BTreeMap::new();
+    for (pid, v) in values {
+        let name = names.get(pid).cloned().unwrap_or_else(|| "?".to_owned());
+        out.entry(name).and_modify(|x| *x = *x + *v).or_insert(*v);
+    }
+    out
+}
+
+/// RSS of each of `pids` in KiB (the dead ones are left out).
+pub fn rss_kib_by_pid(pids: &[u32]) -> BTreeMap<u32, u64> {
+    pids.iter()
+        .filter_map(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .ok()
+                .as_deref()
+                .and_then(parse_vm_rss_kib)
+                .map(|k| (p, k))
+        })
+        .collect()
 }
 
 /// Total RSS of `pids` in KiB (the dead ones count 0).
@@ -183,6 +214,26 @@ mod tests {
         assert_eq!(parse_stat("12 (a) S 1 2"), Err(StatError::Field("utime")));
         assert_eq!(parse_stat("12 (a) S z"), Err(StatError::Field("ppid")));
         assert_eq!(parse_stat(")12 ("), Err(StatError::NoComm));
+    }
+
+    #[test]
+    fn sums_by_command_name() {
+        let values: BTreeMap<u32, u64> = [(1, 10), (2, 5), (3, 7), (4, 1)].into_iter().collect();
+        let names: BTreeMap<u32, String> = [(1, "worker"), (2, "netstack"), (3, "worker")]
+            .into_iter()
+            .map(|(p, n)| (p, n.to_owned()))
+            .collect();
+        let by = by_name(&values, &names);
+        assert_eq!(by.get("worker"), Some(&17));
+        assert_eq!(by.get("netstack"), Some(&5));
+        assert_eq!(by.get("?"), Some(&1));
+        let d = CpuSnapshot {
+            ticks: [(1, 3), (2, 9)].into_iter().collect(),
+        }
+        .by_pid_until(&CpuSnapshot {
+            ticks: [(1, 5), (2, 9), (3, 4)].into_iter().collect(),
+        });
+        assert_eq!(d, [(1, 2), (2, 0)].into_iter().collect());
     }
 
     #[test]

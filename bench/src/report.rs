@@ -208,6 +208,8 @@ pub struct Report {
     pub quick: bool,
     pub rounds: u32,
     pub seconds_per_round: u32,
+    /// How long the measurement took (after the build).
+    pub elapsed_s: f64,
     /// scenario key → metric key → figure.
     pub scenarios: BTreeMap<String, BTreeMap<String, Figure>>,
     /// scenario key → metric key → ratios (VPN Share scenarios only).
@@ -318,6 +320,9 @@ impl Report {
             ));
         }
         for (s, figs) in &self.scenarios {
+            out.push_str(&breakdown(s, figs));
+        }
+        for (s, figs) in &self.scenarios {
             for (k, f) in figs {
                 if let Some(n) = &f.note {
                     out.push_str(&format!("note {s}/{k}: {n}\n"));
@@ -329,6 +334,34 @@ impl Report {
         }
         out
     }
+}
+
+/// The per-process lines of one scenario: figures keyed `METRIC/PROCESS`, e.g.
+/// `cpu_gw_s_per_gb/vpnshare-netsta`, one line per metric.
+pub fn breakdown(scenario: &str, figs: &BTreeMap<String, Figure>) -> String {
+    let mut by_metric: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (k, f) in figs {
+        if let (Some((metric, process)), Some(v)) = (k.split_once('/'), f.value) {
+            by_metric
+                .entry(metric)
+                .or_default()
+                .push(format!("{process} {}", format_value(v)));
+        }
+    }
+    let title = SCENARIOS
+        .iter()
+        .find(|(k, _)| *k == scenario)
+        .map_or(scenario, |(_, t)| t);
+    by_metric
+        .into_iter()
+        .map(|(metric, parts)| {
+            let label = METRICS
+                .iter()
+                .find(|m| m.key == metric)
+                .map_or(metric.to_owned(), |m| format!("{} ({})", m.label, m.unit));
+            format!("{title}, {label}: {}\n", parts.join(", "))
+        })
+        .collect()
 }
 
 /// Columns padded to their widest cell (counted in chars, for `µ`, `↑`, `×`).
@@ -445,6 +478,8 @@ mod tests {
             "flows_held",
             Figure::none("cap 512").with_note("cap 512"),
         );
+        put("udp", "cpu_gw_s_per_gb/vpnshare-netsta", Figure::of(3.25));
+        put("udp", "cpu_gw_s_per_gb/vpnshare-worker", Figure::of(2.0));
         r
     }
 
@@ -477,6 +512,9 @@ mod tests {
         assert!(up.contains("16.0") && up.contains("0.400") && up.contains("2.50×"));
         assert!(up.contains("0.06×"));
         assert!(t.contains("note udp/flows_held: cap 512"));
+        assert!(t.contains(
+            "VS udp, CPU, gateway side (TCP bulk) (s/GB): vpnshare-netsta 3.25, vpnshare-worker 2.00\n"
+        ));
         // Rows no scenario measured are left out.
         assert!(!t.contains("TCP download, 4 streams"));
         // Every row has the same width before trimming: the cells line up.
