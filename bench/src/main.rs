@@ -66,6 +66,9 @@ struct Args {
     /// Use the release binaries as they are (no cargo build).
     #[arg(long)]
     no_build: bool,
+    /// Internal: be the echo and greeting servers (started inside the internet namespace).
+    #[arg(long, hide = true)]
+    serve: bool,
 }
 
 /// Settings of one run.
@@ -101,6 +104,13 @@ fn main() {
         }
     });
     let args = Args::parse();
+    if args.serve {
+        raise_nofile();
+        if let Err(e) = probes::serve() {
+            eprintln!("vpnshare-bench --serve: {e}");
+        }
+        std::process::exit(1);
+    }
     let code = match real_main(args) {
         Ok(()) => 0,
         Err(Error::Interrupted) => 130,
@@ -298,7 +308,13 @@ fn real_main(args: Args) -> Result<(), Error> {
     if !removed.is_empty() {
         eprintln!("removed stale: {}", removed.join(", "));
     }
-    raise_nofile();
+    let nofile = raise_nofile();
+    if (nofile as usize) < cfg.flows + 100 {
+        eprintln!(
+            "WARNING: RLIMIT_NOFILE is {nofile}: fewer than {} flows can be held",
+            cfg.flows
+        );
+    }
 
     let mut rep = Report {
         date: report::utc(
@@ -341,7 +357,13 @@ fn real_main(args: Args) -> Result<(), Error> {
 
     let started = Instant::now();
     let topo = Topo::build()?;
-    probes::start_servers(&topo.inet)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Setup(format!("finding this executable: {e}")))?;
+    let mut servers = Proc::spawn(
+        "vpnshare-bench --serve",
+        Topo::cmd(&topo.inet, &exe).arg("--serve"),
+    )?;
+    servers.wait_line("serving", Duration::from_secs(5))?;
     let mut iperf = IperfServer::start(&topo)?;
 
     for key in &wanted {
@@ -370,6 +392,7 @@ fn real_main(args: Args) -> Result<(), Error> {
         rep.scenarios.insert((*key).to_owned(), figs);
     }
     drop(iperf);
+    drop(servers);
     drop(topo);
 
     topo::interrupted()?;
@@ -425,8 +448,9 @@ fn first_line(e: &Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
-/// 10,000 flows need 20,000 descriptors in this process (both ends).
-fn raise_nofile() {
+/// The soft descriptor limit up to the hard one (raising the hard one too when
+/// allowed): 10,000 flows need 10,000 descriptors in the client and in the server.
+fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let want = 262_144;
     if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
@@ -434,6 +458,7 @@ fn raise_nofile() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
 }
 
 /// The iperf3 server in the internet namespace, restarted when a run fails (a killed

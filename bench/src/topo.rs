@@ -334,22 +334,6 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, Error
     })
 }
 
-/// Starts a detached thread inside `ns` running `f` (servers that live for the run).
-pub fn spawn_in_ns(ns: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
-    let file = std::fs::File::open(netns_path(ns))
-        .map_err(|e| Error::Setup(format!("opening namespace {ns}: {e}")))?;
-    let ns = ns.to_owned();
-    std::thread::Builder::new()
-        .name(format!("in-{ns}"))
-        .spawn(move || {
-            if nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
-                f();
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| Error::Setup(format!("thread in {ns}: {e}")))
-}
-
 /// A child process (in its own process group, so a Ctrl-C on the terminal reaches only
 /// the harness) whose stdout and stderr are collected.
 #[derive(Debug)]
