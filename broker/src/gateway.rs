@@ -1308,9 +1308,21 @@ impl Gateway {
             }
         }
         let is_resumed = resumed.is_some();
+        // The MTU follows the transport: 64 KB segments over a stream, no LAN
+        // fragmentation over UDP (crate::leases::lease_mtu, docs/performance.md).
+        let mtu = self
+            .workers
+            .get(&session)
+            .map_or(crate::leases::LEASE_MTU, |w| {
+                crate::leases::lease_mtu(w.kind)
+            });
         let lease = match resumed
-            .map(Ok)
-            .unwrap_or_else(|| self.pool.allocate(peer, now))
+            .map(|mut l| {
+                // A resume over another transport than last time gets its MTU.
+                l.mtu = mtu;
+                Ok(l)
+            })
+            .unwrap_or_else(|| self.pool.allocate_with_mtu(peer, now, mtu))
         {
             Ok(l) => l,
             Err(e) => {

@@ -20,9 +20,25 @@ pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd56, 0x5348, 0x5000, 0, 0, 0, 
 /// Peers' host numbers.
 pub const FIRST_HOST: u8 = 2;
 pub const LAST_HOST: u8 = 254;
-/// MTU of the client's interface: 1500 minus the worst tunnel overhead (IPv6 + UDP
-/// outer headers, VSHP data header, AEAD tag, message and packet length fields), rounded down.
+/// MTU of the client's interface on a datagram (UDP) transport: 1500 minus the worst
+/// tunnel overhead (IPv6 + UDP outer headers, VSHP data header, AEAD tag, message and
+/// packet length fields), rounded down. A record then never fragments on the LAN, so
+/// one lost Ethernet frame costs one packet, not a 45-fragment datagram (Wi-Fi).
 pub const LEASE_MTU: u16 = 1400;
+/// MTU of the client's interface on a stream transport (TCP, USB): as large as a lease
+/// may be. The stream carries records of up to 64 KiB whatever the LAN's MTU, and the
+/// laptop's kernel then hands the TUN 64 KB TCP segments: per byte, 45 times fewer
+/// packets to read, seal, check and relay (docs/performance.md). The netstack
+/// terminates TCP, so the segments never leave the gateway at this size.
+pub const LEASE_MTU_STREAM: u16 = vshp::lease::MAX_LEASE_MTU;
+
+/// The lease MTU for a peer on this kind of transport.
+pub fn lease_mtu(kind: ipc_schema::messages::broker_worker::TransportKind) -> u16 {
+    match kind {
+        ipc_schema::messages::broker_worker::TransportKind::Datagram => LEASE_MTU,
+        ipc_schema::messages::broker_worker::TransportKind::Stream => LEASE_MTU_STREAM,
+    }
+}
 /// How long a lease is valid without a new handshake.
 pub const LEASE_LIFETIME_SECS: u64 = 24 * 3600;
 
@@ -91,8 +107,19 @@ impl LeasePool {
         }
     }
 
-    /// A new lease for `peer`.
+    /// A new lease for `peer` with the datagram transport's MTU ([`LEASE_MTU`]).
     pub fn allocate(&mut self, peer: [u8; 32], now_unix: u64) -> Result<Lease, LeaseError> {
+        self.allocate_with_mtu(peer, now_unix, LEASE_MTU)
+    }
+
+    /// A new lease for `peer` whose interface MTU is `mtu` ([`lease_mtu`] of the
+    /// peer's transport; clamped to what a lease may carry).
+    pub fn allocate_with_mtu(
+        &mut self,
+        peer: [u8; 32],
+        now_unix: u64,
+        mtu: u16,
+    ) -> Result<Lease, LeaseError> {
         let host = match self.last_host.get(&peer) {
             Some(&h) if !self.in_use(h) => h,
             _ => (FIRST_HOST..=LAST_HOST)
@@ -101,7 +128,9 @@ impl LeasePool {
                 .ok_or(LeaseError::Exhausted)?,
         };
         let id = self.fresh_id();
-        Ok(self.take(id, peer, host, now_unix))
+        let mut lease = self.take(id, peer, host, now_unix);
+        lease.mtu = mtu.clamp(vshp::lease::MIN_LEASE_MTU, vshp::lease::MAX_LEASE_MTU);
+        Ok(lease)
     }
 
     /// Restores the lease a resume ticket names (same id and addresses), if its address
@@ -182,6 +211,26 @@ fn lease_for(id: LeaseId, host: u8, now_unix: u64) -> Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mtu_follows_the_transport() {
+        use ipc_schema::messages::broker_worker::TransportKind;
+        let mut pool = LeasePool::new(1);
+        let udp = pool
+            .allocate_with_mtu([1; 32], 0, lease_mtu(TransportKind::Datagram))
+            .unwrap();
+        let tcp = pool
+            .allocate_with_mtu([2; 32], 0, lease_mtu(TransportKind::Stream))
+            .unwrap();
+        assert_eq!(udp.mtu, LEASE_MTU);
+        assert_eq!(tcp.mtu, LEASE_MTU_STREAM);
+        udp.validate().unwrap();
+        tcp.validate().unwrap();
+        // Out of range asks are clamped into what a lease may carry.
+        let low = pool.allocate_with_mtu([3; 32], 0, 100).unwrap();
+        assert_eq!(low.mtu, vshp::lease::MIN_LEASE_MTU);
+        assert_eq!(pool.allocate([4; 32], 0).unwrap().mtu, LEASE_MTU);
+    }
 
     #[test]
     fn allocates_distinct_valid_addresses_and_exhausts() {

@@ -23,10 +23,13 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// A handshake without an answer for this long is retried.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest record sent on a datagram transport: an Ethernet MTU minus IPv4 and UDP
-/// headers, so that a record never fragments on the LAN.
+/// headers, so that a record never fragments on the LAN. (A packet too large for it,
+/// under a lease with a larger MTU, gets a record of its own.)
 pub const MAX_DATAGRAM_RECORD: usize = 1472;
-/// Largest record sent on a stream transport (several full packets per record).
-pub const MAX_STREAM_RECORD: usize = 16 * 1024;
+/// Largest record sent on a stream transport: the protocol's limit, so that a lease
+/// MTU of up to 64 KB (the stream transport's, docs/performance.md) fits one record
+/// and small packets share one.
+pub const MAX_STREAM_RECORD: usize = MAX_RECORD_LEN;
 /// Longest resume ticket kept (the gateway's are about 130 bytes).
 pub const MAX_TICKET: usize = 512;
 /// Bytes of an IP_PACKET message around its packets: type, length.
@@ -368,15 +371,22 @@ impl ClientCore {
     }
 
     /// Seals as many of `packets` (in order) as fit one record into `out`. Returns the
-    /// record length and how many packets it carries; a packet too large for a record
-    /// on its own is dropped (counted as carried).
+    /// record length and how many packets it carries. A first packet larger than
+    /// [`ClientCore::max_record`] allows gets a record of its own (up to the protocol's
+    /// limit, as the gateway does); one too large even for that is dropped (counted as
+    /// carried).
     pub fn seal_packets(
         &mut self,
         packets: &[&[u8]],
         now: Duration,
         out: &mut [u8],
     ) -> Result<(usize, usize), CoreError> {
-        let max_plain = self.max_record_plain();
+        let first = packets.first().map_or(0, |p| p.len());
+        let max_plain = self
+            .max_record_plain()
+            .max(MSG_OVERHEAD + 2 + first)
+            .min(MAX_RECORD_LEN - HEADER_LEN - record::AEAD_TAG_LEN)
+            .min(out.len().saturating_sub(HEADER_LEN + record::AEAD_TAG_LEN));
         let State::Established(session) = &mut self.state else {
             return Err(CoreError::NotEstablished);
         };
@@ -395,11 +405,15 @@ impl ClientCore {
             return Ok((0, packets.len().min(1)));
         }
         let chosen = packets.get(..take).ok_or(CoreError::Crypto)?;
-        let mut w = MessageWriter::new(&mut self.scratch);
+        // The message is written where the record's plaintext goes and sealed there:
+        // one copy of each packet (TUN buffer -> record), none through a scratch buffer.
+        let body = out
+            .get_mut(HEADER_LEN..HEADER_LEN + max_plain)
+            .ok_or(CoreError::Crypto)?;
+        let mut w = MessageWriter::new(body);
         w.ip_packets(chosen)?;
         let n = w.len();
-        let plain = self.scratch.get(..n).ok_or(CoreError::Crypto)?;
-        let len = session.seal(plain, out, now)?;
+        let len = session.seal_in_place(out, n, now)?;
         self.counters.tx_packets += take as u64;
         self.counters.tx_bytes += chosen.iter().map(|p| p.len() as u64).sum::<u64>();
         Ok((len, take))

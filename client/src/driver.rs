@@ -259,6 +259,25 @@ impl Transport {
         }
     }
 
+    /// Sends every record of `q` (one write on a stream). Failures are logged: a
+    /// datagram may be lost anyway, a broken stream shows up on the next read.
+    fn send_queue(&mut self, q: &SendQueue) {
+        let result = match self {
+            Transport::Udp(_) => q
+                .records
+                .iter()
+                .filter_map(|&(at, len)| q.buf.get(at..at + len))
+                .try_for_each(|rec| self.send(rec)),
+            Transport::Tcp { stream, .. } => match q.buf.get(..q.len) {
+                Some(bytes) if !bytes.is_empty() => write_all_nb(stream, bytes),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!("send to the gateway failed: {e}");
+        }
+    }
+
     /// Reads what is there: each complete record goes to `f`. `Ok(false)`: the
     /// connection ended.
     fn receive(&mut self, buf: &mut [u8], f: &mut dyn FnMut(&mut [u8])) -> std::io::Result<bool> {
@@ -292,14 +311,9 @@ impl Transport {
                         Err(e) => return Err(e),
                     }
                     loop {
-                        match decoder.next_record() {
-                            Ok(Some(r)) => {
-                                let n = r.len();
-                                if let Some(dst) = buf.get_mut(..n) {
-                                    dst.copy_from_slice(r);
-                                    f(dst);
-                                }
-                            }
+                        // Opened in place inside the decoder's buffer: no copy.
+                        match decoder.next_record_mut() {
+                            Ok(Some(r)) => f(r),
                             Ok(None) => break,
                             Err(e) => return Err(std::io::Error::other(e.to_string())),
                         }
@@ -308,6 +322,69 @@ impl Transport {
                 Ok(true)
             }
         }
+    }
+}
+
+/// Records sealed back to back for one burst of TUN packets, each behind its length
+/// prefix on a stream, so a burst goes out in one `write` (docs/performance.md).
+#[derive(Debug)]
+struct SendQueue {
+    stream: bool,
+    buf: Vec<u8>,
+    len: usize,
+    /// Where each record (after its prefix) starts, and its length.
+    records: Vec<(usize, usize)>,
+}
+
+/// Bytes of sealed records one burst gathers before it is written.
+const SEND_QUEUE_BYTES: usize = 1024 * 1024;
+
+impl SendQueue {
+    fn new(stream: bool) -> Self {
+        Self {
+            stream,
+            buf: vec![0u8; SEND_QUEUE_BYTES],
+            len: 0,
+            records: Vec::with_capacity(TUN_BATCH),
+        }
+    }
+
+    fn prefix(&self) -> usize {
+        if self.stream { 2 } else { 0 }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.records.clear();
+    }
+
+    /// Room for the next record (after its prefix).
+    fn room(&self) -> usize {
+        self.buf.len().saturating_sub(self.len + self.prefix())
+    }
+
+    /// Where the next record is to be sealed.
+    fn spare(&mut self) -> &mut [u8] {
+        let at = self.len + self.prefix();
+        self.buf.get_mut(at..).unwrap_or_default()
+    }
+
+    /// Keeps the `len` bytes just sealed into [`SendQueue::spare`] (0: nothing).
+    fn commit(&mut self, len: usize) {
+        let Ok(l) = u16::try_from(len) else {
+            return;
+        };
+        if len == 0 || self.room() < len {
+            return;
+        }
+        if self.stream {
+            if let Some(p) = self.buf.get_mut(self.len..self.len + 2) {
+                p.copy_from_slice(&l.to_be_bytes());
+            }
+        }
+        let start = self.len + self.prefix();
+        self.records.push((start, len));
+        self.len = start + len;
     }
 }
 
@@ -370,6 +447,8 @@ struct Run {
     start: Instant,
     rx: Vec<u8>,
     tx: Vec<u8>,
+    /// The records of one burst of TUN packets (`read_tun`).
+    txq: SendQueue,
     code: Option<PairingCode>,
     ever_configured: bool,
     waiting_approval: bool,
@@ -396,6 +475,7 @@ impl Run {
             start: Instant::now(),
             rx: vec![0u8; MAX_RECORD_LEN + 2],
             tx: vec![0u8; MAX_RECORD_LEN],
+            txq: SendQueue::new(kind == TransportKind::Tcp),
             code: None,
             ever_configured: false,
             waiting_approval: false,
@@ -832,29 +912,35 @@ impl Run {
         if count == 0 || !self.core.is_established() {
             return Ok(());
         }
-        let packets: Vec<&[u8]> = tun
-            .buf
-            .chunks(tun.slot)
-            .zip(lens.iter())
-            .take(count)
-            .filter_map(|(c, &n)| c.get(..n))
-            .collect();
+        let mut packets: [&[u8]; TUN_BATCH] = [&[]; TUN_BATCH];
+        for ((slot, c), &n) in packets.iter_mut().zip(tun.buf.chunks(tun.slot)).zip(&lens) {
+            *slot = c.get(..n).unwrap_or_default();
+        }
+        let packets = packets.get(..count).unwrap_or_default();
+        // Seal every record of this burst back to back (framed on a stream), then hand
+        // them to the transport at once: one write on TCP, one send per datagram on UDP.
+        let q = &mut self.txq;
+        q.clear();
         let mut at = 0;
         while at < packets.len() {
-            let rest = packets.get(at..).unwrap_or_default();
-            let (len, took) = self.core.seal_packets(rest, now, &mut self.tx)?;
-            if len > 0 {
-                if let (Some(t), Some(rec)) = (self.transport.as_mut(), self.tx.get(..len)) {
-                    if let Err(e) = t.send(rec) {
-                        tracing::debug!("send to the gateway failed: {e}");
-                    }
+            if q.room() < MAX_RECORD_LEN {
+                if let Some(t) = self.transport.as_mut() {
+                    t.send_queue(q);
                 }
+                q.clear();
             }
+            let rest = packets.get(at..).unwrap_or_default();
+            let (len, took) = self.core.seal_packets(rest, now, q.spare())?;
+            q.commit(len);
             if took == 0 {
                 break;
             }
             at += took;
         }
+        if let Some(t) = self.transport.as_mut() {
+            t.send_queue(q);
+        }
+        q.clear();
         Ok(())
     }
 

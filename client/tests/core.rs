@@ -159,6 +159,40 @@ fn packets_batch_into_records_that_fit_a_datagram_and_come_back_out() {
 }
 
 #[test]
+fn a_packet_larger_than_a_datagram_record_gets_a_record_of_its_own() {
+    // Under a large lease MTU (the stream transport's), a 64 KB packet still travels,
+    // alone in its record; the small one after it starts the next record.
+    let now = Duration::from_secs(1);
+    let (mut core, mut gw, _) = established(now);
+    let huge = vec![0x45u8; 65_000];
+    let small = vec![0x45u8; 100];
+    let all: Vec<&[u8]> = vec![&huge, &small];
+    let mut out = vec![0u8; MAX_RECORD_LEN];
+    let (len, took) = core.seal_packets(&all, now, &mut out).unwrap();
+    assert_eq!(took, 1);
+    assert!(len > MAX_DATAGRAM_RECORD && len <= MAX_RECORD_LEN, "{len}");
+    let mut rec = out[..len].to_vec();
+    let plain = gw.open_in_place(&mut rec, now).unwrap();
+    let got: Vec<Vec<u8>> = MessageReader::new(plain)
+        .filter_map(|m| match m.unwrap() {
+            Message::IpPacket(b) => Some(b.iter().map(<[u8]>::to_vec).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(got, vec![huge.clone()]);
+    let (len, took) = core.seal_packets(&all[1..], now, &mut out).unwrap();
+    assert_eq!(took, 1);
+    assert!(len <= MAX_DATAGRAM_RECORD);
+    // Too large for any record (and an output buffer too small for it): dropped,
+    // counted as carried, never a panic.
+    let mut tiny = vec![0u8; 2000];
+    let (len, took) = core.seal_packets(&all, now, &mut tiny).unwrap();
+    assert_eq!((len, took), (0, 1));
+    assert_eq!(core.counters().tx_packets, 2);
+}
+
+#[test]
 fn pings_every_interval_answers_pings_and_detects_a_dead_gateway() {
     let t0 = Duration::from_secs(1);
     let (mut core, mut gw, _) = established(t0);

@@ -480,13 +480,10 @@ impl Loop {
                     };
                     dec.commit(n);
                     loop {
-                        match dec.next_record() {
+                        // Opened in place inside the decoder's buffer: no copy.
+                        match dec.next_record_mut() {
                             Ok(Some(rec)) => {
-                                let Some(dst) = self.rbuf.get_mut(..rec.len()) else {
-                                    break;
-                                };
-                                dst.copy_from_slice(rec);
-                                let _ = core.on_record(dst, now);
+                                let _ = core.on_record(rec, now);
                             }
                             Ok(None) => break,
                             Err(e) => {

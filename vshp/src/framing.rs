@@ -1,14 +1,19 @@
 //! Stream framing: on TCP and the USB accessory, each record is preceded by its length
 //! as a u16 (big-endian). A u16 cannot exceed [`MAX_RECORD_LEN`], so the bound holds by
-//! construction; the decoder owns one fixed buffer of `2 + MAX_RECORD_LEN` bytes and
-//! never allocates after creation, however the byte stream is split.
+//! construction; the decoder owns one fixed buffer of a few framed records
+//! ([`DECODER_BUFFER`]) and never allocates after creation, however the byte stream is
+//! split. The buffer holds several records so one `read` can fetch many of them, and it
+//! moves an incomplete record to the front only when the room behind it could not
+//! hold a whole one (bulk transfers: few reads, almost no copying).
 
 use crate::record::MAX_RECORD_LEN;
 
 /// Length of the stream length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 2;
-/// Bytes the decoder buffers at most: one whole framed record.
+/// One whole framed record: the most a record needs buffered.
 pub const DECODER_CAPACITY: usize = LENGTH_PREFIX_LEN + MAX_RECORD_LEN;
+/// The decoder's buffer: four whole framed records (256 KiB).
+pub const DECODER_BUFFER: usize = 4 * DECODER_CAPACITY;
 
 /// Why a stream can no longer be read. Every variant is fatal for the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +58,7 @@ impl Default for StreamDecoder {
 impl StreamDecoder {
     pub fn new() -> Self {
         Self {
-            buf: vec![0u8; DECODER_CAPACITY].into_boxed_slice(),
+            buf: vec![0u8; DECODER_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
             failed: false,
@@ -65,10 +70,15 @@ impl StreamDecoder {
         self.end - self.start
     }
 
-    /// Free space to read the stream into. Moves unread bytes to the front first, so
-    /// the space is never empty while a record is incomplete.
+    /// Free space to read the stream into. When the room behind the buffered bytes
+    /// could not hold a whole framed record, the unread bytes (less than one record,
+    /// once every complete record was taken) move to the front first, so the space is
+    /// never empty while a record is incomplete.
     pub fn spare(&mut self) -> &mut [u8] {
-        if self.start > 0 {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.buf.len() - self.end < DECODER_CAPACITY && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -93,6 +103,13 @@ impl StreamDecoder {
 
     /// The next complete record, or `None` until more bytes arrive.
     pub fn next_record(&mut self) -> Result<Option<&[u8]>, FramingError> {
+        Ok(self.next_record_mut()?.map(|r| &*r))
+    }
+
+    /// [`next_record`](Self::next_record), mutable: the record can be opened in place
+    /// inside the decoder's buffer (no copy). Its bytes are the caller's until the next
+    /// call on the decoder.
+    pub fn next_record_mut(&mut self) -> Result<Option<&mut [u8]>, FramingError> {
         if self.failed {
             return Err(FramingError::Failed);
         }
@@ -110,7 +127,7 @@ impl StreamDecoder {
         }
         let from = self.start + LENGTH_PREFIX_LEN;
         self.start = from + len;
-        Ok(self.buf.get(from..from + len))
+        Ok(self.buf.get_mut(from..from + len))
     }
 }
 
@@ -187,6 +204,34 @@ mod tests {
             length_prefix(MAX_RECORD_LEN + 1),
             Err(FramingError::TooLong(MAX_RECORD_LEN + 1))
         );
+    }
+
+    #[test]
+    fn many_records_per_read_and_in_place_access() {
+        // Full-size records back to back, read in chunks that do not line up with
+        // them: every record comes out whole, mutable, and the buffer never runs dry.
+        let big: Vec<Vec<u8>> = (0u8..9).map(|i| vec![i; MAX_RECORD_LEN - 7]).collect();
+        let refs: Vec<&[u8]> = big.iter().map(Vec::as_slice).collect();
+        let stream = framed(&refs);
+        let mut d = StreamDecoder::new();
+        let mut at = 0;
+        let mut got = 0u8;
+        while at < stream.len() {
+            let spare = d.spare();
+            assert!(!spare.is_empty());
+            let n = spare.len().min(100_003).min(stream.len() - at);
+            spare[..n].copy_from_slice(&stream[at..at + n]);
+            d.commit(n);
+            at += n;
+            while let Some(r) = d.next_record_mut().unwrap() {
+                assert_eq!(r.len(), MAX_RECORD_LEN - 7);
+                assert!(r.iter().all(|&b| b == got));
+                r[0] = 0xEE; // opened in place
+                got += 1;
+            }
+        }
+        assert_eq!(got, 9);
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]
