@@ -261,12 +261,19 @@ fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
             .open("/run/vsb.lock")
             .map_err(|e| Error::Setup(format!("/run/vsb.lock: {e}")))
     };
-    match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(l),
-        Err(_) => {
-            eprintln!("another vpnshare-bench run is measuring; waiting for it…");
-            Flock::lock(open()?, FlockArg::LockExclusive)
-                .map_err(|(_, e)| Error::Setup(format!("locking /run/vsb.lock: {e}")))
+    let mut said = false;
+    loop {
+        match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                if !said {
+                    eprintln!("another vpnshare-bench run is measuring; waiting for it…");
+                    said = true;
+                }
+                topo::interrupted()?;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err((_, e)) => return Err(Error::Setup(format!("locking /run/vsb.lock: {e}"))),
         }
     }
 }

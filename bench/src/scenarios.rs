@@ -39,8 +39,14 @@ impl Drop for Running {
     /// Stops the scenario's processes (laptop first) and undoes its routes and
     /// interfaces, also when the set-up failed half-way.
     fn drop(&mut self) {
+        // After a Ctrl-C, hurry: the namespaces go anyway.
+        let grace = if topo::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
         for p in &mut self.procs {
-            p.stop(Duration::from_secs(5));
+            p.stop(grace);
         }
         self.procs.clear();
         for (ns, dev) in &self.wg_ifaces {
