@@ -9,6 +9,15 @@
 //! runtime (OpenVPN pushing `tun-mtu`, a WireGuard reconfiguration, `ip link set mtu`),
 //! so the broker re-reads it with the routing snapshot and tells the live peers.
 //!
+//! Only a datagram-transport lease (MTU [`crate::leases::LEASE_MTU`] or less) follows.
+//! There the laptop's packets are already VPN-sized, and matching a smaller VPN costs a
+//! few percent of throughput while sparing the egress fragmentation of full-size UDP.
+//! A stream-transport lease's 64 KB MTU is the segment size of the leg the netstack
+//! terminates (laptop ↔ netstack): the gateway's TCP sockets use the VPN's MSS whatever
+//! it is, and following the VPN would cost that leg 45 times more packets per byte
+//! (docs/performance.md). A laptop UDP datagram larger than the VPN's MTU is then
+//! fragmented by the gateway's kernel, as any host's on a large-MTU LAN behind a VPN.
+//!
 //! The base MTU (what the lease pool chose for the peer, per transport) is never
 //! exceeded, and the lease never goes below the IPv6 minimum link MTU. Routes, DNS and
 //! addresses do not follow the egress: the lease keeps `::/0` through the tunnel even
@@ -20,6 +29,10 @@ use vshp::lease::{Lease, MIN_LEASE_MTU};
 /// The MTU a lease whose pool-chosen MTU is `base` should have while the egress
 /// interface's MTU is `egress_mtu` (`None`: unknown, or `--egress any`).
 pub fn effective_mtu(base: u16, egress_mtu: Option<u32>) -> u16 {
+    if base > crate::leases::LEASE_MTU {
+        // A stream lease: see the module's documentation.
+        return base;
+    }
     match egress_mtu {
         Some(m) if m < u32::from(base) => u16::try_from(m).unwrap_or(base).max(MIN_LEASE_MTU),
         _ => base,
@@ -72,6 +85,12 @@ mod tests {
             "never below 1280"
         );
         assert_eq!(effective_mtu(1400, Some(u32::MAX)), 1400);
+        let stream = crate::leases::LEASE_MTU_STREAM;
+        assert_eq!(
+            effective_mtu(stream, Some(1420)),
+            stream,
+            "a stream lease keeps its 64 KB segments behind any VPN"
+        );
         let l = LeasePool::new(1).allocate([1; 32], 0).unwrap();
         assert_eq!(reconfigured(&l, l.mtu, Some(9000)), None);
         let smaller = reconfigured(&l, l.mtu, Some(1300)).unwrap();
