@@ -48,9 +48,13 @@ struct Args {
     /// A smoke run of about a minute: one short round of everything, 1,000 flows.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (comma-separated): plain, wg, udp, tcp.
+    /// Only these scenarios (comma-separated): plain, wg, udp, tcp; `vpnshare` = udp,tcp.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these measurements (comma-separated): rr (request/response), cps
+    /// (connections per second), bulk (TCP, with CPU and memory), udp, flows, handshakes.
+    #[arg(long, value_delimiter = ',')]
+    tests: Vec<String>,
     /// The JSON report.
     #[arg(long, default_value = "bench-out/e2e.json")]
     out: PathBuf,
@@ -80,6 +84,17 @@ struct Cfg {
     flows: usize,
     rr_exchanges: usize,
     cps_secs: f64,
+    /// The measurements to make (all when empty).
+    tests: Vec<String>,
+}
+
+/// The measurements `--tests` can pick.
+const TESTS: &[&str] = &["rr", "cps", "bulk", "udp", "flows", "handshakes"];
+
+impl Cfg {
+    fn wants(&self, test: &str) -> bool {
+        self.tests.is_empty() || self.tests.iter().any(|t| t == test)
+    }
 }
 
 fn main() {
@@ -294,21 +309,47 @@ fn real_main(args: Args) -> Result<(), Error> {
         flows: args.flows.unwrap_or(if args.quick { 1000 } else { 10_000 }),
         rr_exchanges: if args.quick { 2000 } else { 20_000 },
         cps_secs: if args.quick { 1.0 } else { 3.0 },
+        tests: args.tests.clone(),
     };
+    if let Some(bad) = cfg.tests.iter().find(|t| !TESTS.contains(&t.as_str())) {
+        return Err(Error::Setup(format!(
+            "--tests {bad}: the measurements are {}",
+            TESTS.join(", ")
+        )));
+    }
+    let only: Vec<String> = args
+        .only
+        .iter()
+        .flat_map(|o| {
+            if o == "vpnshare" {
+                vec!["udp".to_owned(), "tcp".to_owned()]
+            } else {
+                vec![o.clone()]
+            }
+        })
+        .collect();
     let wanted: Vec<&str> = report::SCENARIOS
         .iter()
         .map(|(k, _)| *k)
-        .filter(|k| args.only.is_empty() || args.only.iter().any(|o| o == k))
+        .filter(|k| only.is_empty() || only.iter().any(|o| o == k))
         .collect();
-    if let Some(bad) = args
-        .only
+    if let Some(bad) = only
         .iter()
         .find(|o| !report::SCENARIOS.iter().any(|(k, _)| k == o))
     {
         return Err(Error::Setup(format!(
-            "--only {bad}: the scenarios are plain, wg, udp, tcp"
+            "--only {bad}: the scenarios are plain, wg, udp, tcp (vpnshare = udp,tcp)"
         )));
     }
+    // Only handshakes asked for: no scenario to set up.
+    let wanted = if ["rr", "cps", "bulk", "udp", "flows"]
+        .iter()
+        .any(|t| cfg.wants(t))
+    {
+        wanted
+    } else {
+        Vec::new()
+    };
     let tools = prepare(&args)?;
     let _lock = lock()?;
     let removed = topo::cleanup_stale();
@@ -403,24 +444,8 @@ fn real_main(args: Args) -> Result<(), Error> {
     drop(topo);
 
     topo::interrupted()?;
-    eprintln!("== handshakes");
-    let hs_secs = if cfg.quick { 0.5 } else { 3.0 };
-    match handshake::measure(hs_secs) {
-        Ok(r) => {
-            let note = "in process, one thread, the vshp IK handshake (not through the gateway)";
-            rep.global.insert(
-                "handshakes_per_s_per_core_gateway_side".into(),
-                Figure::of(r.gateway_side).with_note(note),
-            );
-            rep.global.insert(
-                "handshakes_per_s_per_core_both_sides".into(),
-                Figure::of(r.both_sides).with_note(note),
-            );
-        }
-        Err(e) => {
-            rep.global
-                .insert("handshakes_per_s_per_core".into(), Figure::none(e));
-        }
+    if cfg.wants("handshakes") {
+        handshakes(&cfg, &mut rep);
     }
     rep.machine.loadavg_end = read("/proc/loadavg").trim().to_owned();
     rep.elapsed_s = started.elapsed().as_secs_f64().round();
@@ -449,6 +474,28 @@ fn real_main(args: Args) -> Result<(), Error> {
         rep.elapsed_s
     );
     Ok(())
+}
+
+fn handshakes(cfg: &Cfg, rep: &mut Report) {
+    eprintln!("== handshakes");
+    let hs_secs = if cfg.quick { 0.5 } else { 3.0 };
+    match handshake::measure(hs_secs) {
+        Ok(r) => {
+            let note = "in process, one thread, the vshp IK handshake (not through the gateway)";
+            rep.global.insert(
+                "handshakes_per_s_per_core_gateway_side".into(),
+                Figure::of(r.gateway_side).with_note(note),
+            );
+            rep.global.insert(
+                "handshakes_per_s_per_core_both_sides".into(),
+                Figure::of(r.both_sides).with_note(note),
+            );
+        }
+        Err(e) => {
+            rep.global
+                .insert("handshakes_per_s_per_core".into(), Figure::none(e));
+        }
+    }
 }
 
 fn first_line(e: &Error) -> String {
@@ -627,160 +674,168 @@ fn measure(
     let key = run.key;
     let server_rr = inet(topo::ECHO_PORT);
 
-    // Request/response latency first, while nothing else has run through the path.
-    eprintln!("== {key}: request/response");
-    let (mut p50s, mut p99s, mut err) = (Vec::new(), Vec::new(), None);
-    for _ in 0..cfg.rounds {
-        match probes::request_response(&topo.laptop, server_rr, cfg.rr_exchanges, 200) {
-            Ok(mut v) => {
-                if let Some((a, b)) = stats::p50_p99(&mut v) {
-                    p50s.push(a);
-                    p99s.push(b);
-                }
-            }
-            Err(Error::Interrupted) => return Err(Error::Interrupted),
-            Err(e) => err = Some(e.to_string()),
-        }
-    }
-    put_rounds(&mut f, "rr_p50_us", p50s, &err);
-    put_rounds(&mut f, "rr_p99_us", p99s, &err);
-
-    eprintln!("== {key}: connections per second");
-    let (mut rates, mut t50, mut t99, mut notes) = (Vec::new(), Vec::new(), Vec::new(), None);
-    for _ in 0..cfg.rounds {
-        topo::interrupted()?;
-        let mut r =
-            probes::connections_per_second(&topo.laptop, inet(topo::GREET_PORT), cfg.cps_secs)?;
-        if r.connections > 0 {
-            rates.push(r.connections as f64 / r.seconds);
-        }
-        if let Some((a, b)) = stats::p50_p99(&mut r.ttfb_us) {
-            t50.push(a);
-            t99.push(b);
-        }
-        if r.errors > 0 {
-            notes = Some(format!(
-                "{} failed connections, first: {}",
-                r.errors,
-                r.first_error.unwrap_or_default()
-            ));
-        }
-    }
-    put_rounds(&mut f, "cps", rates, &notes);
-    put_rounds(&mut f, "ttfb_p50_us", t50, &None);
-    put_rounds(&mut f, "ttfb_p99_us", t99, &None);
-
-    // Bulk TCP, with the CPU time and memory of every process of the scenario.
-    let tck = procstat::clk_tck();
-    let (mut gw_cpu, mut cl_cpu, mut bytes) = (0.0, 0.0, 0u64);
-    let mut rss_max: RssPeak = (0, BTreeMap::new());
-    let mut names = BTreeMap::new();
-    let (mut gw_ticks, mut cl_ticks) = (BTreeMap::new(), BTreeMap::new());
     let mut alone_up_1 = None;
-    for (name, streams, reverse) in [
-        ("tcp_up_1", 1, false),
-        ("tcp_down_1", 1, true),
-        ("tcp_up_4", 4, false),
-        ("tcp_down_4", 4, true),
-    ] {
-        eprintln!("== {key}: {name}");
-        let spec = iperf::IperfSpec {
-            streams,
-            reverse,
-            udp_mbps: None,
-            seconds: cfg.secs,
-        };
-        let (mut gbps, mut err) = (Vec::new(), None);
+    if cfg.wants("rr") {
+        // Request/response latency first, while nothing else has run through the path.
+        eprintln!("== {key}: request/response");
+        let (mut p50s, mut p99s, mut err) = (Vec::new(), Vec::new(), None);
         for _ in 0..cfg.rounds {
-            topo::interrupted()?;
-            let (gw, cl) = (
-                pids_of(&run.gw_roots, &mut names),
-                pids_of(&run.client_roots, &mut names),
-            );
-            let (g0, c0) = (
-                procstat::CpuSnapshot::take(&gw),
-                procstat::CpuSnapshot::take(&cl),
-            );
-            let sampler = RssSampler::start(gw.clone());
-            let r = iperf.client(&topo.laptop, &spec);
-            let (g1, c1) = (
-                procstat::CpuSnapshot::take(&gw),
-                procstat::CpuSnapshot::take(&cl),
-            );
-            let peak = sampler.finish();
-            if peak.0 > rss_max.0 {
-                rss_max = peak;
-            }
-            match r {
-                Ok(r) => {
-                    gbps.push(r.bits_per_second / 1e9);
-                    bytes += r.bytes;
-                    gw_cpu += g0.seconds_until(&g1, tck);
-                    cl_cpu += c0.seconds_until(&c1, tck);
-                    for (pid, t) in g0.by_pid_until(&g1) {
-                        *gw_ticks.entry(pid).or_insert(0u64) += t;
-                    }
-                    for (pid, t) in c0.by_pid_until(&c1) {
-                        *cl_ticks.entry(pid).or_insert(0u64) += t;
+            match probes::request_response(&topo.laptop, server_rr, cfg.rr_exchanges, 200) {
+                Ok(mut v) => {
+                    if let Some((a, b)) = stats::p50_p99(&mut v) {
+                        p50s.push(a);
+                        p99s.push(b);
                     }
                 }
-                Err(e) => err = Some(e),
+                Err(Error::Interrupted) => return Err(Error::Interrupted),
+                Err(e) => err = Some(e.to_string()),
             }
         }
-        if name == "tcp_up_1" {
-            alone_up_1 = stats::median(&gbps);
-        }
-        put_rounds(&mut f, name, gbps, &err);
+        put_rounds(&mut f, "rr_p50_us", p50s, &err);
+        put_rounds(&mut f, "rr_p99_us", p99s, &err);
     }
-    if bytes > 0 && !run.gw_roots.is_empty() {
-        let gb = bytes as f64 / 1e9;
-        f.insert("cpu_gw_s_per_gb".into(), Figure::of(gw_cpu / gb));
-        f.insert("cpu_client_s_per_gb".into(), Figure::of(cl_cpu / gb));
-        f.insert("rss_gw_mib".into(), Figure::of(rss_max.0 as f64 / MIB));
-        // Per process (command name): where the time and the memory go.
-        for (prefix, ticks) in [
-            ("cpu_gw_s_per_gb", &gw_ticks),
-            ("cpu_client_s_per_gb", &cl_ticks),
+
+    if cfg.wants("cps") {
+        eprintln!("== {key}: connections per second");
+        let (mut rates, mut t50, mut t99, mut notes) = (Vec::new(), Vec::new(), Vec::new(), None);
+        for _ in 0..cfg.rounds {
+            topo::interrupted()?;
+            let mut r =
+                probes::connections_per_second(&topo.laptop, inet(topo::GREET_PORT), cfg.cps_secs)?;
+            if r.connections > 0 {
+                rates.push(r.connections as f64 / r.seconds);
+            }
+            if let Some((a, b)) = stats::p50_p99(&mut r.ttfb_us) {
+                t50.push(a);
+                t99.push(b);
+            }
+            if r.errors > 0 {
+                notes = Some(format!(
+                    "{} failed connections, first: {}",
+                    r.errors,
+                    r.first_error.unwrap_or_default()
+                ));
+            }
+        }
+        put_rounds(&mut f, "cps", rates, &notes);
+        put_rounds(&mut f, "ttfb_p50_us", t50, &None);
+        put_rounds(&mut f, "ttfb_p99_us", t99, &None);
+    }
+
+    if cfg.wants("bulk") {
+        // Bulk TCP, with the CPU time and memory of every process of the scenario.
+        let tck = procstat::clk_tck();
+        let (mut gw_cpu, mut cl_cpu, mut bytes) = (0.0, 0.0, 0u64);
+        let mut rss_max: RssPeak = (0, BTreeMap::new());
+        let mut names = BTreeMap::new();
+        let (mut gw_ticks, mut cl_ticks) = (BTreeMap::new(), BTreeMap::new());
+        for (name, streams, reverse) in [
+            ("tcp_up_1", 1, false),
+            ("tcp_down_1", 1, true),
+            ("tcp_up_4", 4, false),
+            ("tcp_down_4", 4, true),
         ] {
-            for (name, t) in procstat::by_name(ticks, &names) {
-                f.insert(format!("{prefix}/{name}"), Figure::of(t as f64 / tck / gb));
-            }
-        }
-        for (name, kib) in procstat::by_name(&rss_max.1, &names) {
-            f.insert(format!("rss_gw_mib/{name}"), Figure::of(kib as f64 / MIB));
-        }
-    } else if run.gw_roots.is_empty() {
-        for k in ["cpu_gw_s_per_gb", "cpu_client_s_per_gb", "rss_gw_mib"] {
-            f.insert(k.into(), Figure::none("kernel only: no process to measure"));
-        }
-    }
-
-    for rate in [100u32, 300] {
-        eprintln!("== {key}: UDP {rate} Mbit/s");
-        let spec = iperf::IperfSpec {
-            streams: 1,
-            reverse: false,
-            udp_mbps: Some(rate),
-            seconds: cfg.secs,
-        };
-        let (mut got, mut loss, mut err) = (Vec::new(), Vec::new(), None);
-        for _ in 0..cfg.rounds {
-            topo::interrupted()?;
-            match iperf.client(&topo.laptop, &spec) {
-                Ok(r) => {
-                    got.push(r.bits_per_second / 1e6);
-                    if let Some(u) = r.udp {
-                        loss.push(u.lost_percent);
-                    }
+            eprintln!("== {key}: {name}");
+            let spec = iperf::IperfSpec {
+                streams,
+                reverse,
+                udp_mbps: None,
+                seconds: cfg.secs,
+            };
+            let (mut gbps, mut err) = (Vec::new(), None);
+            for _ in 0..cfg.rounds {
+                topo::interrupted()?;
+                let (gw, cl) = (
+                    pids_of(&run.gw_roots, &mut names),
+                    pids_of(&run.client_roots, &mut names),
+                );
+                let (g0, c0) = (
+                    procstat::CpuSnapshot::take(&gw),
+                    procstat::CpuSnapshot::take(&cl),
+                );
+                let sampler = RssSampler::start(gw.clone());
+                let r = iperf.client(&topo.laptop, &spec);
+                let (g1, c1) = (
+                    procstat::CpuSnapshot::take(&gw),
+                    procstat::CpuSnapshot::take(&cl),
+                );
+                let peak = sampler.finish();
+                if peak.0 > rss_max.0 {
+                    rss_max = peak;
                 }
-                Err(e) => err = Some(e),
+                match r {
+                    Ok(r) => {
+                        gbps.push(r.bits_per_second / 1e9);
+                        bytes += r.bytes;
+                        gw_cpu += g0.seconds_until(&g1, tck);
+                        cl_cpu += c0.seconds_until(&c1, tck);
+                        for (pid, t) in g0.by_pid_until(&g1) {
+                            *gw_ticks.entry(pid).or_insert(0u64) += t;
+                        }
+                        for (pid, t) in c0.by_pid_until(&c1) {
+                            *cl_ticks.entry(pid).or_insert(0u64) += t;
+                        }
+                    }
+                    Err(e) => err = Some(e),
+                }
+            }
+            if name == "tcp_up_1" {
+                alone_up_1 = stats::median(&gbps);
+            }
+            put_rounds(&mut f, name, gbps, &err);
+        }
+        if bytes > 0 && !run.gw_roots.is_empty() {
+            let gb = bytes as f64 / 1e9;
+            f.insert("cpu_gw_s_per_gb".into(), Figure::of(gw_cpu / gb));
+            f.insert("cpu_client_s_per_gb".into(), Figure::of(cl_cpu / gb));
+            f.insert("rss_gw_mib".into(), Figure::of(rss_max.0 as f64 / MIB));
+            // Per process (command name): where the time and the memory go.
+            for (prefix, ticks) in [
+                ("cpu_gw_s_per_gb", &gw_ticks),
+                ("cpu_client_s_per_gb", &cl_ticks),
+            ] {
+                for (name, t) in procstat::by_name(ticks, &names) {
+                    f.insert(format!("{prefix}/{name}"), Figure::of(t as f64 / tck / gb));
+                }
+            }
+            for (name, kib) in procstat::by_name(&rss_max.1, &names) {
+                f.insert(format!("rss_gw_mib/{name}"), Figure::of(kib as f64 / MIB));
+            }
+        } else if run.gw_roots.is_empty() {
+            for k in ["cpu_gw_s_per_gb", "cpu_client_s_per_gb", "rss_gw_mib"] {
+                f.insert(k.into(), Figure::none("kernel only: no process to measure"));
             }
         }
-        put_rounds(&mut f, &format!("udp_{rate}_mbps"), got, &err);
-        put_rounds(&mut f, &format!("udp_{rate}_loss"), loss, &err);
     }
-
-    flows(cfg, topo, run, iperf, alone_up_1, &mut f)?;
+    if cfg.wants("udp") {
+        for rate in [100u32, 300] {
+            eprintln!("== {key}: UDP {rate} Mbit/s");
+            let spec = iperf::IperfSpec {
+                streams: 1,
+                reverse: false,
+                udp_mbps: Some(rate),
+                seconds: cfg.secs,
+            };
+            let (mut got, mut loss, mut err) = (Vec::new(), Vec::new(), None);
+            for _ in 0..cfg.rounds {
+                topo::interrupted()?;
+                match iperf.client(&topo.laptop, &spec) {
+                    Ok(r) => {
+                        got.push(r.bits_per_second / 1e6);
+                        if let Some(u) = r.udp {
+                            loss.push(u.lost_percent);
+                        }
+                    }
+                    Err(e) => err = Some(e),
+                }
+            }
+            put_rounds(&mut f, &format!("udp_{rate}_mbps"), got, &err);
+            put_rounds(&mut f, &format!("udp_{rate}_loss"), loss, &err);
+        }
+    }
+    if cfg.wants("flows") {
+        flows(cfg, topo, run, iperf, alone_up_1, &mut f)?;
+    }
     Ok(f)
 }
 
@@ -816,7 +871,7 @@ fn flows(
     let mut note = None;
     if let Some((n, why)) = &held.stopped {
         note = Some(format!(
-            "stopped at {n} of {}: {why} (the netstack caps flows per lease, 512 by default)",
+            "stopped at {n} of {}: {why} (a cap on flows per lease in the netstack, or a descriptor limit)",
             cfg.flows
         ));
         // Room for iperf3's control and data connections.
