@@ -915,3 +915,41 @@ fn flows(
     drop(held);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_split_on_commas() {
+        let a = Args::try_parse_from([
+            "vpnshare-bench",
+            "--quick",
+            "--only",
+            "udp,plain",
+            "--tests",
+            "bulk,rr",
+        ])
+        .unwrap();
+        assert!(a.quick && !a.serve);
+        assert_eq!(a.only, vec!["udp", "plain"]);
+        assert_eq!(a.tests, vec!["bulk", "rr"]);
+        assert_eq!(a.out, PathBuf::from("bench-out/e2e.json"));
+    }
+
+    #[test]
+    fn wants_everything_by_default() {
+        let mut c = Cfg {
+            quick: true,
+            rounds: 1,
+            secs: 1,
+            flows: 1,
+            rr_exchanges: 1,
+            cps_secs: 1.0,
+            tests: Vec::new(),
+        };
+        assert!(TESTS.iter().all(|t| c.wants(t)));
+        c.tests = vec!["rr".into()];
+        assert!(c.wants("rr") && !c.wants("bulk"));
+    }
+}
