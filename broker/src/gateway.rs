@@ -55,6 +55,7 @@ use crate::leases::LeasePool;
 use crate::pairing::PairingRequests;
 use crate::peers::{PeerDb, PeerStatus};
 use crate::ratelimit::{Bucket, KeyedLimiter, Rate};
+use crate::roaming::RoamState;
 use crate::{CONTROL_SOCKET, LOCK_FILE, identity, now_unix};
 
 /// Read/write timeout of every IPC socket the broker reads from another process.
@@ -184,6 +185,8 @@ struct Worker {
     /// The broker told it to stop (revocation, replacement): its exit is expected.
     stopping: bool,
     channel_dead: bool,
+    /// Roaming by NAT rebinding (UDP): its receiver index and the probe in flight.
+    roam: RoamState,
 }
 
 /// A worker whose channel hello is being exchanged on a helper thread.
@@ -250,6 +253,8 @@ pub struct Gateway {
     /// The MTU the pool chose for each active lease, before the egress cap
     /// (`crate::lease_config`); the cap follows the VPN's MTU, this never changes.
     base_mtu: HashMap<LeaseId, u16>,
+    /// The id of the last roaming probe sent to a worker.
+    last_probe: u64,
     /// The VPN interface's MTU at the last routing snapshot (`None`: no VPN, unknown,
     /// `--egress any`).
     egress_mtu: Option<u32>,
@@ -383,6 +388,7 @@ impl Gateway {
             dropped_handshakes: 0,
             parked: ParkedLeases::new(RESUME_GRACE),
             base_mtu: HashMap::new(),
+            last_probe: 0,
             egress_mtu: None,
             cfg,
         };
@@ -775,6 +781,12 @@ impl Gateway {
                     }
                     continue;
                 }
+                // A DATA record from an address no session has: perhaps a live
+                // session's client behind a NAT that rebound its port (roaming).
+                Ok(Record::Data { header, .. }) => {
+                    self.on_roam_candidate(header.receiver.0, dgram, source);
+                    continue;
+                }
                 // Anything else on the listener (late data of a finished session,
                 // garbage) is dropped: only a HANDSHAKE_INIT starts a session.
                 _ => {
@@ -813,6 +825,114 @@ impl Gateway {
                 Err(e) => error!(%source, error = %e, "cannot open a connected UDP socket"),
             }
         }
+    }
+
+    /// A DATA record for receiver index `index` from `source`, which is no session's
+    /// address: sent to the live datagram session with that index as a roaming probe
+    /// (at most one in flight per session, rate-limited: `crate::roaming`). Nothing
+    /// moves until the worker authenticates it.
+    fn on_roam_candidate(&mut self, index: u32, dgram: &[u8], source: SocketAddr) {
+        let known =
+            self.workers.values().any(|w| {
+                w.kind == TransportKind::Datagram && w.source == source && !w.channel_dead
+            }) || self
+                .spawning
+                .values()
+                .any(|s| s.kind == TransportKind::Datagram && s.source == source);
+        let target = self
+            .workers
+            .iter()
+            .find(|(_, w)| {
+                w.kind == TransportKind::Datagram
+                    && !w.channel_dead
+                    && !w.stopping
+                    && w.lease.is_some()
+                    && w.roam.index() == Some(index)
+            })
+            .map(|(id, _)| *id);
+        let (Some(session), false) = (target, known) else {
+            // Late data of a finished session, or of a session that has not moved:
+            // dropped, as before.
+            self.dropped_handshakes += 1;
+            return;
+        };
+        let Ok(record) = bw::ProbeRecord::from_slice(dgram) else {
+            self.dropped_handshakes += 1;
+            return;
+        };
+        let now = self.elapsed();
+        let id = self.last_probe.wrapping_add(1);
+        let offered = self
+            .workers
+            .get_mut(&session)
+            .map(|w| w.roam.offer(index, source, id, now));
+        match offered {
+            Some(Ok(())) => {
+                self.last_probe = id;
+                info!(session, %source, probe = id, "record from a new address: asking the worker to authenticate it");
+                self.send_worker(
+                    session,
+                    &BrokerToWorker::RoamProbe { probe: id, record },
+                    &[],
+                );
+            }
+            Some(Err(e)) => {
+                self.dropped_handshakes += 1;
+                tracing::debug!(session, %source, error = %e, "roaming candidate dropped");
+            }
+            None => {}
+        }
+    }
+
+    /// The worker's verdict on a roaming probe: only an authenticated one moves the
+    /// session, to a new socket connected to the probe's address.
+    fn on_roam_verdict(&mut self, session: u64, probe: u64, authenticated: bool) {
+        let Some(w) = self.workers.get_mut(&session) else {
+            return;
+        };
+        let from = w.source;
+        let peer = w.peer;
+        let Some(to) = w.roam.verdict(probe, authenticated) else {
+            if !authenticated {
+                info!(
+                    session,
+                    probe, "roaming probe not authenticated: the session stays"
+                );
+            }
+            return;
+        };
+        let sock = match connected_udp(self.local, to) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(session, %to, error = %e, "cannot open a connected UDP socket: the session stays");
+                return;
+            }
+        };
+        self.send_worker(
+            session,
+            &BrokerToWorker::MoveTransport { probe },
+            &[sock.as_fd()],
+        );
+        drop(sock);
+        if let Some(w) = self.workers.get_mut(&session) {
+            if w.channel_dead {
+                return;
+            }
+            w.source = to;
+        }
+        info!(session, %from, %to, "roamed: the session moved to the client's new address");
+        self.audit.record(
+            "peer_roamed",
+            &[
+                ("session", Value::from(session)),
+                (
+                    "key",
+                    Value::from(peer.map(|k| peer_hex(&k)).unwrap_or_default()),
+                ),
+                ("from", Value::from(from.to_string())),
+                ("to", Value::from(to.to_string())),
+            ],
+        );
     }
 
     fn on_tcp(&mut self) {
@@ -969,6 +1089,7 @@ impl Gateway {
             kill_at: None,
             stopping: false,
             channel_dead: false,
+            roam: RoamState::new(self.elapsed()),
         };
         if let Err(e) = sent {
             error!(error = %e, "cannot hand the transport to the worker");
@@ -1077,6 +1198,17 @@ impl Gateway {
             WorkerToBroker::SessionEnded { reason } => {
                 info!(?reason, "worker reports the session ended")
             }
+            WorkerToBroker::RoamIndex { index } => {
+                if let Some(w) = self.workers.get_mut(&session) {
+                    if w.kind == TransportKind::Datagram {
+                        w.roam.set_index(index);
+                    }
+                }
+            }
+            WorkerToBroker::RoamVerdict {
+                probe,
+                authenticated,
+            } => self.on_roam_verdict(session, probe, authenticated),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod pairing;
 pub mod peers;
 pub mod policy;
 pub mod ratelimit;
+pub mod roaming;
 
 use std::path::PathBuf;
 

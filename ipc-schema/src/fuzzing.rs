@@ -256,6 +256,12 @@ pub mod samples {
                 decision: Decision::Refuse(Refusal::BadTicket),
             },
             BrokerToWorker::LeaseChanged { lease: lease() },
+            BrokerToWorker::RoamProbe {
+                probe: 4,
+                record: BoundedBytes::new(vec![1, 4, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1])
+                    .unwrap_or_default(),
+            },
+            BrokerToWorker::MoveTransport { probe: 4 },
             BrokerToWorker::TicketSealed {
                 request: RequestId(1),
                 ticket: ticket(),
@@ -317,6 +323,11 @@ pub mod samples {
                 bad_records: 1,
                 ..Default::default()
             }),
+            WorkerToBroker::RoamIndex { index: 0x0102_0304 },
+            WorkerToBroker::RoamVerdict {
+                probe: 4,
+                authenticated: true,
+            },
             WorkerToBroker::SessionEnded {
                 reason: SessionEnd::Timeout,
             },

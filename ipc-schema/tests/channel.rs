@@ -379,6 +379,8 @@ fn samples_cover_every_variant() {
             TicketSealed,
             TicketOpened,
             LeaseChanged,
+            RoamProbe,
+            MoveTransport,
             ReportCounters,
             Shutdown,
         }
@@ -392,6 +394,8 @@ fn samples_cover_every_variant() {
             SealTicket,
             OpenTicket,
             Counters,
+            RoamIndex,
+            RoamVerdict,
             SessionEnded,
         }
     );

@@ -977,6 +977,14 @@ impl WorkerCore {
                 }
             }
             BrokerToWorker::LeaseChanged { lease } => self.on_lease_changed(lease, now),
+            BrokerToWorker::RoamProbe { probe, record } => {
+                let mut rec = record.as_slice().to_vec();
+                let authenticated = self.on_roam_probe(&mut rec, now);
+                self.to_broker.push(WorkerToBroker::RoamVerdict {
+                    probe: *probe,
+                    authenticated,
+                });
+            }
             BrokerToWorker::AdoptTransport { .. } | BrokerToWorker::AttachDataPath { .. } => {}
             other => tracing::debug!(message = ?other, "broker message ignored"),
         }
@@ -1001,6 +1009,14 @@ impl WorkerCore {
                 }
                 self.lease = Some(lease);
                 self.phase = Phase::Admitted;
+                if self.config.mode == TransportMode::Datagram {
+                    if let Some(s) = &self.session {
+                        // Records from a new address reach the broker: it routes them
+                        // here by this index (roaming, docs/resume.md).
+                        let index = s.local_index().0;
+                        self.to_broker.push(WorkerToBroker::RoamIndex { index });
+                    }
+                }
                 self.request_ticket(now);
             }
             Decision::Pending => {
@@ -1048,6 +1064,33 @@ impl WorkerCore {
         } else {
             tracing::warn!("CONFIG_DELTA could not be sent");
         }
+    }
+
+    /// Roaming: a record that arrived from a new client address, through the broker.
+    /// It is handled exactly like one read from the transport — opened with the session
+    /// keys, checked against the replay window, its messages acted on — and is
+    /// authenticated when it opened. Only an admitted datagram session roams; anything
+    /// that is not a DATA record, does not open, or is a replay is not authenticated
+    /// (and counted like any dropped record).
+    pub fn on_roam_probe(&mut self, rec: &mut [u8], now: Duration) -> bool {
+        if self.config.mode != TransportMode::Datagram || self.phase != Phase::Admitted {
+            return false;
+        }
+        if !matches!(record::decode(rec), Ok(Record::Data { .. })) {
+            self.stats.records_in += 1;
+            self.stats
+                .record_drops
+                .count(&RecordDrop::ProtocolViolation("roaming probe is not DATA"));
+            return false;
+        }
+        let authenticated = match self.on_record(rec, now) {
+            Ok(()) => true,
+            // Opened, but a message inside was refused: the sender holds the keys.
+            Err(RecordDrop::BadPayload(_) | RecordDrop::ProtocolViolation(_)) => true,
+            Err(_) => false,
+        };
+        tracing::info!(authenticated, "roaming probe");
+        authenticated
     }
 
     /// Asks the broker to seal a resume ticket for the peer (sent as TICKET when it

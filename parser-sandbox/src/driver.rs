@@ -437,6 +437,19 @@ impl Loop {
             (BrokerToWorker::AdoptTransport { .. }, Some(_)) => {
                 tracing::warn!("a second transport was offered: closed");
             }
+            // Roaming: an authenticated probe from a new client address; the broker's
+            // new socket is connected there. The old one closes (docs/resume.md).
+            (BrokerToWorker::MoveTransport { probe }, Some(fd))
+                if self.transport.mode == TransportMode::Datagram =>
+            {
+                match set_nonblocking(fd.as_fd(), true) {
+                    Ok(()) => {
+                        self.transport.fd = fd;
+                        tracing::info!(probe, "session moved to the new client address");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "roaming socket unusable: kept the old"),
+                }
+            }
             (msg, _) => core.on_broker(msg, self.now()),
         }
         Ok(())

@@ -94,11 +94,25 @@ fn admit(core: &mut WorkerCore, client: &mut Client, id: HandshakeId) {
     let msgs = client.open(&recs[0], T0);
     assert_eq!(msgs[0], Owned::Config(lease()));
     assert!(matches!(msgs[1], Owned::Hello(_)));
-    // Admission asks the broker for a resume ticket.
-    assert!(matches!(
-        take_broker(core).as_slice(),
-        [WorkerToBroker::SealTicket { .. }]
-    ));
+    // Admission asks the broker for a resume ticket; a datagram session also tells
+    // its receiver index (roaming).
+    let msgs = take_broker(core);
+    match core.config().mode {
+        TransportMode::Datagram => assert!(
+            matches!(
+                msgs.as_slice(),
+                [
+                    WorkerToBroker::RoamIndex { .. },
+                    WorkerToBroker::SealTicket { .. }
+                ]
+            ),
+            "{msgs:?}"
+        ),
+        TransportMode::Stream => assert!(
+            matches!(msgs.as_slice(), [WorkerToBroker::SealTicket { .. }]),
+            "{msgs:?}"
+        ),
+    }
 }
 
 fn batches(core: &mut WorkerCore) -> Vec<Vec<Vec<u8>>> {
@@ -313,6 +327,68 @@ fn a_changed_lease_reaches_the_peer_as_a_config_delta_of_what_differs() {
     core.on_broker(&BrokerToWorker::LeaseChanged { lease: other }, T0);
     assert!(take_records(&mut core).is_empty());
     assert_eq!(core.lease(), Some(&changed));
+}
+
+/// The verdict the core gives a roaming probe carrying `rec`.
+fn probe(core: &mut WorkerCore, id: u64, rec: &[u8]) -> bool {
+    core.on_broker(
+        &BrokerToWorker::RoamProbe {
+            probe: id,
+            record: ipc_schema::bounded::BoundedBytes::from_slice(rec).unwrap(),
+        },
+        T0,
+    );
+    let msgs = take_broker(core);
+    match msgs.as_slice() {
+        [
+            WorkerToBroker::RoamVerdict {
+                probe,
+                authenticated,
+            },
+        ] if *probe == id => *authenticated,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn only_an_authentic_fresh_record_passes_a_roaming_probe() {
+    let (mut core, _) = new_core(TransportMode::Datagram);
+    let (mut client, fin) = handshake(&mut core, true, None);
+    // Not admitted yet: nothing roams.
+    let early = client.packets(T0, &[&ipv4(CLIENT_V4, WEB, 100)]);
+    assert!(!probe(&mut core, 1, &early));
+    admit(&mut core, &mut client, finished_id(&fin));
+    let good = ipv4(CLIENT_V4, WEB, 100);
+    let rec = client.packets(T0, &[&good]);
+    // Forged: one bit of the ciphertext flipped.
+    let mut forged = rec.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(!probe(&mut core, 2, &forged));
+    // Garbage with the right header shape, and a handshake record.
+    let mut garbage = rec.clone();
+    for b in garbage.iter_mut().skip(16) {
+        *b = 0x55;
+    }
+    assert!(!probe(&mut core, 3, &garbage));
+    let hs = Client::new(true, TransportMode::Datagram).init(None);
+    assert!(!probe(&mut core, 4, &hs));
+    assert!(batches(&mut core).is_empty(), "nothing forwarded so far");
+    // The genuine record authenticates, and its packet is forwarded like any other.
+    assert!(probe(&mut core, 5, &rec));
+    assert_eq!(batches(&mut core), vec![vec![good]]);
+    // The same record again is a replay: refused.
+    assert!(!probe(&mut core, 6, &rec));
+    assert_eq!(core.phase(), Phase::Admitted);
+}
+
+#[test]
+fn a_stream_session_never_roams() {
+    let (mut core, _) = new_core(TransportMode::Stream);
+    let (mut client, fin) = handshake(&mut core, true, None);
+    admit(&mut core, &mut client, finished_id(&fin));
+    let rec = client.packets(T0, &[&ipv4(CLIENT_V4, WEB, 100)]);
+    assert!(!probe(&mut core, 1, &rec));
 }
 
 #[test]

@@ -216,9 +216,14 @@ fn admit_with(
     ns
 }
 
-/// Admission asks the broker for a resume ticket (left unanswered here).
+/// Admission asks the broker for a resume ticket (left unanswered here); a datagram
+/// session first tells its receiver index (roaming).
 fn expect_seal_ticket(ch: &mut Channel<BrokerEnd>) {
-    match ch.recv().unwrap().msg {
+    let mut msg = ch.recv().unwrap().msg;
+    if let WorkerToBroker::RoamIndex { .. } = msg {
+        msg = ch.recv().unwrap().msg;
+    }
+    match msg {
         WorkerToBroker::SealTicket { .. } => {}
         other => panic!("expected SealTicket, got {other:?}"),
     }

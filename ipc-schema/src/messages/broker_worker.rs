@@ -39,6 +39,10 @@ pub type HandshakeMessage = BoundedBytes<MAX_HANDSHAKE_MSG>;
 /// transport over; at most [`MAX_HANDSHAKE_MSG`] bytes (the broker drops longer
 /// first datagrams: no valid HANDSHAKE_INIT is that long).
 pub type FirstRecord = BoundedBytes<MAX_HANDSHAKE_MSG>;
+/// A DATA record from a new client address, forwarded for authentication (at most
+/// [`MAX_HANDSHAKE_MSG`] bytes: the broker drops longer ones, a roaming probe needs one
+/// small record).
+pub type ProbeRecord = BoundedBytes<MAX_HANDSHAKE_MSG>;
 /// A sealed resume ticket, opaque to everyone but the broker.
 pub type SealedTicket = BoundedBytes<MAX_TICKET_LEN>;
 
@@ -98,6 +102,16 @@ pub enum BrokerToWorker {
     /// expiry; never its id or addresses): the worker sends the peer a CONFIG_DELTA
     /// with what differs from the lease it has, and keeps this one.
     LeaseChanged { lease: Lease },
+    /// Roaming (UDP): a DATA record that reached the broker's listener from an address
+    /// other than the peer's, carrying this session's receiver index. The worker opens
+    /// it as if it had read it (AEAD, replay window) and answers `RoamVerdict`; nothing
+    /// moves unless it authenticates.
+    RoamProbe { probe: u64, record: ProbeRecord },
+    /// Roaming (UDP): probe `probe` authenticated, so the session moves: **carries 1
+    /// descriptor**, a UDP socket bound like the first and `connect()`ed to the
+    /// probe's source address. The worker reads and writes it from now on and closes
+    /// the old one.
+    MoveTransport { probe: u64 },
     /// Send your counters.
     ReportCounters,
     /// Close the session (send VSHP CLOSE) and exit.
@@ -143,6 +157,16 @@ pub enum WorkerToBroker {
         ticket: SealedTicket,
     },
     Counters(WorkerCounters),
+    /// Roaming (UDP): the receiver index the peer's DATA records carry in the admitted
+    /// session (sent at each admission; a new handshake brings a new index).
+    RoamIndex {
+        index: u32,
+    },
+    /// Roaming (UDP): whether probe `probe`'s record opened (authentic, not a replay).
+    RoamVerdict {
+        probe: u64,
+        authenticated: bool,
+    },
     /// The session is over (peer CLOSE, timeout, transport error).
     SessionEnded {
         reason: SessionEnd,
@@ -254,7 +278,9 @@ impl WorkerCounters {
 impl Message for BrokerToWorker {
     fn fd_count(&self) -> usize {
         match self {
-            Self::AdoptTransport { .. } | Self::AttachDataPath { .. } => 1,
+            Self::AdoptTransport { .. }
+            | Self::AttachDataPath { .. }
+            | Self::MoveTransport { .. } => 1,
             _ => 0,
         }
     }
