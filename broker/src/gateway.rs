@@ -839,17 +839,20 @@ impl Gateway {
                 .spawning
                 .values()
                 .any(|s| s.kind == TransportKind::Datagram && s.source == source);
-        let target = self
-            .workers
-            .iter()
-            .find(|(_, w)| {
-                w.kind == TransportKind::Datagram
-                    && !w.channel_dead
-                    && !w.stopping
-                    && w.lease.is_some()
-                    && w.roam.index() == Some(index)
-            })
-            .map(|(id, _)| *id);
+        // The one live session that claims this index. Indices are random 32-bit
+        // values the workers choose; two claiming the same one (a collision, or a
+        // compromised worker copying another's) get no probe at all.
+        let mut claims = self.workers.iter().filter(|(_, w)| {
+            w.kind == TransportKind::Datagram
+                && !w.channel_dead
+                && !w.stopping
+                && w.lease.is_some()
+                && w.roam.index() == Some(index)
+        });
+        let target = match (claims.next(), claims.next()) {
+            (Some((id, _)), None) => Some(*id),
+            _ => None,
+        };
         let (Some(session), false) = (target, known) else {
             // Late data of a finished session, or of a session that has not moved:
             // dropped, as before.
