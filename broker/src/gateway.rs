@@ -1467,8 +1467,10 @@ impl Gateway {
             }
         };
         // As the gateway's state wants it now (a resumed lease may have been parked
-        // under another VPN MTU: its CONFIG carries the new one, docs/resume.md).
-        let base = *self.base_mtu.entry(lease.id).or_insert(lease.mtu);
+        // under another VPN MTU: its CONFIG carries the new one, docs/resume.md). The
+        // base is this admission's transport MTU (set just above, also on a resume).
+        let base = lease.mtu;
+        self.base_mtu.insert(lease.id, base);
         let lease =
             crate::lease_config::reconfigured(&lease, base, self.egress_mtu).unwrap_or(lease);
         // The data channel: one end to the worker, the other to the netstack. Without
