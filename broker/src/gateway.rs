@@ -2145,11 +2145,18 @@ fn set_timeouts(s: &UnixStream) -> io::Result<()> {
     s.set_write_timeout(Some(IPC_TIMEOUT))
 }
 
+/// Receive and send buffer asked for on each peer's UDP socket.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
 /// A UDP socket bound to the listener's address (SO_REUSEADDR + SO_REUSEPORT) and
 /// connected to `peer`: the kernel delivers the peer's datagrams to it, not to the
 /// listener, so they never pass through the broker.
 pub fn connected_udp(local: SocketAddr, peer: SocketAddr) -> io::Result<OwnedFd> {
     let s = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    // Room for the bursts of a bulk transfer (the kernel caps it at rmem_max/wmem_max;
+    // the default 208 KiB holds ~90 full records): best effort (docs/performance.md).
+    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_SOCKET_BUFFER);
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_cloexec(true)?;

@@ -24,6 +24,7 @@ use vshp::{ErrorReason, PairingCode, StreamDecoder};
 use crate::ConnectError;
 use crate::core::{ClientCore, Event, Timer};
 use crate::helper::{self, Helper};
+use crate::mmsg;
 use crate::ticket_store::TicketStore;
 
 /// The transport to the gateway.
@@ -211,6 +212,18 @@ impl Transport {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
                 let s = UdpSocket::bind(local)?;
+                // Room for a burst of full records from the gateway (the default
+                // 208 KiB holds ~90): best effort, capped by the kernel's rmem_max.
+                let _ = nix::sys::socket::setsockopt(
+                    &s,
+                    nix::sys::socket::sockopt::RcvBuf,
+                    &UDP_SOCKET_BUFFER,
+                );
+                let _ = nix::sys::socket::setsockopt(
+                    &s,
+                    nix::sys::socket::sockopt::SndBuf,
+                    &UDP_SOCKET_BUFFER,
+                );
                 s.connect(addr)?;
                 s.set_nonblocking(true)?;
                 Ok(Transport::Udp(s))
@@ -263,11 +276,24 @@ impl Transport {
     /// datagram may be lost anyway, a broken stream shows up on the next read.
     fn send_queue(&mut self, q: &SendQueue) {
         let result = match self {
-            Transport::Udp(_) => q
-                .records
-                .iter()
-                .filter_map(|&(at, len)| q.buf.get(at..at + len))
-                .try_for_each(|rec| self.send(rec)),
+            Transport::Udp(s) => {
+                // sendmmsg: the burst in one call. A full socket buffer drops the rest,
+                // as the network would.
+                let mut recs: [&[u8]; TUN_BATCH] = [&[]; TUN_BATCH];
+                let mut n = 0;
+                for (slot, &(at, len)) in recs.iter_mut().zip(&q.records) {
+                    if let Some(r) = q.buf.get(at..at + len) {
+                        *slot = r;
+                        n += 1;
+                    }
+                }
+                match mmsg::send_batch(s.as_raw_fd(), recs.get(..n).unwrap_or_default()) {
+                    Ok(_)
+                    | Err(nix::errno::Errno::EAGAIN)
+                    | Err(nix::errno::Errno::ECONNREFUSED) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
             Transport::Tcp { stream, .. } => match q.buf.get(..q.len) {
                 Some(bytes) if !bytes.is_empty() => write_all_nb(stream, bytes),
                 _ => Ok(()),
@@ -283,19 +309,23 @@ impl Transport {
     fn receive(&mut self, buf: &mut [u8], f: &mut dyn FnMut(&mut [u8])) -> std::io::Result<bool> {
         match self {
             Transport::Udp(s) => {
-                for _ in 0..64 {
-                    match s.recv(buf) {
+                // recvmmsg: up to 32 datagrams per call, a few calls per wakeup.
+                let mut lens = [0usize; mmsg::MAX_BATCH];
+                for _ in 0..4 {
+                    match mmsg::recv_batch(s.as_raw_fd(), buf, UDP_SLOT, &mut lens) {
                         Ok(n) => {
-                            if let Some(r) = buf.get_mut(..n) {
-                                f(r);
+                            for (slot, &len) in buf.chunks_mut(UDP_SLOT).zip(&lens).take(n) {
+                                // 0: empty, or longer than a record can be: dropped.
+                                if let Some(r) = slot.get_mut(..len).filter(|r| !r.is_empty()) {
+                                    f(r);
+                                }
+                            }
+                            if n < mmsg::MAX_BATCH {
+                                break;
                             }
                         }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                            return Err(e);
-                        }
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
+                        Err(nix::errno::Errno::EAGAIN) => break,
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 Ok(true)
@@ -421,6 +451,10 @@ struct Tun {
 
 /// Packets read from the TUN per batch.
 const TUN_BATCH: usize = 64;
+/// One received datagram's room: any record fits.
+const UDP_SLOT: usize = MAX_RECORD_LEN + 1;
+/// Receive and send buffer asked for on the UDP transport socket.
+const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Attempts without any answer before a first connection is given up.
 const FIRST_ATTEMPTS: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -473,7 +507,7 @@ impl Run {
             tun: None,
             lease: None,
             start: Instant::now(),
-            rx: vec![0u8; MAX_RECORD_LEN + 2],
+            rx: vec![0u8; mmsg::MAX_BATCH * UDP_SLOT],
             tx: vec![0u8; MAX_RECORD_LEN],
             txq: SendQueue::new(kind == TransportKind::Tcp),
             code: None,

@@ -13,7 +13,6 @@ use ipc_schema::{Channel, ChannelError, PacketBatch};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, recv, send};
 use security::{ConfineOptions, Confinement, Role, Threads};
 use vshp::framing::StreamDecoder;
 use vshp::lease::LeaseId;
@@ -21,6 +20,7 @@ use vshp::record::MAX_RECORD_LEN;
 use vshp::transport::TransportMode;
 
 use crate::core::{CoreConfig, Exit, WorkerCore};
+use crate::mmsg;
 use crate::oracle::{BrokerLink, BrokerOracle};
 use crate::packet_policy::{PacketPolicy, Prefix};
 
@@ -32,8 +32,12 @@ pub const INITIAL_CREDIT: Credit = Credit {
     packets: 1024,
     bytes: 1024 * 1024,
 };
-/// Datagrams read per readable burst before the other descriptors get a turn.
+/// Reads per readable burst before the other descriptors get a turn.
 const BURST: usize = 64;
+/// `recvmmsg` calls per readable burst on a datagram transport (32 datagrams each).
+const DATAGRAM_CALLS: usize = 4;
+/// One received datagram's room: any record fits.
+const DATAGRAM_SLOT: usize = MAX_RECORD_LEN + 1;
 /// The loop wakes at least this often (timeouts).
 const TICK_MS: u16 = 1000;
 /// Stop reading the transport while this many batches wait for netstack credit.
@@ -308,7 +312,8 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
         link,
         transport,
         data,
-        rbuf: vec![0u8; MAX_RECORD_LEN],
+        rbuf: vec![0u8; mmsg::MAX_BATCH * DATAGRAM_SLOT],
+        lens: [0; mmsg::MAX_BATCH],
         rbatch: PacketBatch::new(LeaseId(0)),
         origin,
         peer_logged: false,
@@ -324,7 +329,9 @@ struct Loop {
     link: Arc<BrokerLink>,
     transport: Transport,
     data: Option<DataPath>,
+    /// Received datagrams, [`DATAGRAM_SLOT`] bytes each (`recvmmsg`).
     rbuf: Vec<u8>,
+    lens: [usize; mmsg::MAX_BATCH],
     rbatch: PacketBatch,
     origin: Instant,
     peer_logged: bool,
@@ -457,13 +464,21 @@ impl Loop {
 
     fn read_transport(&mut self, core: &mut WorkerCore) {
         let fd = self.transport.fd.as_raw_fd();
-        for _ in 0..BURST {
+        for call in 0..BURST {
             let now = self.now();
             match &mut self.transport.decoder {
-                None => match recv(fd, &mut self.rbuf, MsgFlags::MSG_DONTWAIT) {
+                // recvmmsg: up to 32 datagrams per call, DATAGRAM_CALLS calls per burst.
+                None => match mmsg::recv_batch(fd, &mut self.rbuf, DATAGRAM_SLOT, &mut self.lens) {
                     Ok(n) => {
-                        if let Some(rec) = self.rbuf.get_mut(..n) {
-                            let _ = core.on_record(rec, now);
+                        for (slot, &len) in
+                            self.rbuf.chunks_mut(DATAGRAM_SLOT).zip(&self.lens).take(n)
+                        {
+                            if let Some(rec) = slot.get_mut(..len) {
+                                let _ = core.on_record(rec, now);
+                            }
+                        }
+                        if n < mmsg::MAX_BATCH || call + 1 >= DATAGRAM_CALLS {
+                            break;
                         }
                     }
                     Err(Errno::EAGAIN) => break,
@@ -549,11 +564,7 @@ impl Loop {
         if !core.records().is_empty() {
             let result = match self.transport.mode {
                 TransportMode::Datagram => {
-                    let unsent = core
-                        .records()
-                        .iter()
-                        .filter(|rec| !send_datagram(self.transport.fd.as_fd(), rec))
-                        .count();
+                    let unsent = send_datagrams(self.transport.fd.as_fd(), core.records());
                     for _ in 0..unsent {
                         core.record_unsent();
                     }
@@ -605,27 +616,42 @@ fn wait_writable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), Errno> {
     }
 }
 
-/// One datagram; a full socket buffer waits briefly, then the record is dropped (UDP
-/// may lose it anyway). Returns whether it was sent.
-fn send_datagram(fd: BorrowedFd<'_>, rec: &[u8]) -> bool {
+/// The queued records as datagrams, [`mmsg::MAX_BATCH`] per `sendmmsg`; a full socket
+/// buffer waits briefly, then the rest is dropped (UDP may lose it anyway). Returns
+/// how many were not sent.
+fn send_datagrams(fd: BorrowedFd<'_>, q: &crate::core::RecordQueue) -> usize {
     let deadline = Instant::now() + Duration::from_millis(200);
-    loop {
-        match send(fd.as_raw_fd(), rec, MsgFlags::empty()) {
-            Ok(_) => return true,
-            Err(Errno::EAGAIN | Errno::ENOBUFS) => {
-                if wait_writable(fd, deadline).is_err() {
-                    tracing::debug!("datagram dropped: socket buffer full");
-                    return false;
+    let mut recs: [&[u8]; mmsg::MAX_BATCH] = [&[]; mmsg::MAX_BATCH];
+    let mut it = q.iter().peekable();
+    let mut unsent = 0;
+    while it.peek().is_some() {
+        let mut n = 0;
+        for (slot, r) in recs.iter_mut().zip(it.by_ref()) {
+            *slot = r;
+            n += 1;
+        }
+        let mut batch = recs.get(..n).unwrap_or_default();
+        while !batch.is_empty() {
+            match mmsg::send_batch(fd.as_raw_fd(), batch) {
+                Ok(k) if k > 0 => batch = batch.get(k..).unwrap_or_default(),
+                Ok(_) | Err(Errno::EAGAIN | Errno::ENOBUFS) => {
+                    if wait_writable(fd, deadline).is_err() {
+                        tracing::debug!("datagrams dropped: socket buffer full");
+                        unsent += batch.len();
+                        batch = &[];
+                    }
                 }
-            }
-            Err(Errno::EINTR) => {}
-            Err(e) => {
-                // ECONNREFUSED and friends: the peer is away; the idle timeout decides.
-                tracing::debug!(error = %e, "datagram send failed");
-                return false;
+                Err(e) => {
+                    // ECONNREFUSED and friends: the peer is away; the idle timeout
+                    // decides. The first record is lost, the rest is tried again.
+                    tracing::debug!(error = %e, "datagram send failed");
+                    unsent += 1;
+                    batch = batch.get(1..).unwrap_or_default();
+                }
             }
         }
     }
+    unsent
 }
 
 fn write_all(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> Result<(), Errno> {
