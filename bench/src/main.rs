@@ -699,22 +699,31 @@ fn measure(
         eprintln!("== {key}: connections per second");
         let (mut rates, mut t50, mut t99, mut notes) = (Vec::new(), Vec::new(), Vec::new(), None);
         for _ in 0..cfg.rounds {
-            topo::interrupted()?;
-            let mut r =
-                probes::connections_per_second(&topo.laptop, inet(topo::GREET_PORT), cfg.cps_secs)?;
-            if r.connections > 0 {
-                rates.push(r.connections as f64 / r.seconds);
-            }
-            if let Some((a, b)) = stats::p50_p99(&mut r.ttfb_us) {
-                t50.push(a);
-                t99.push(b);
-            }
-            if r.errors > 0 {
-                notes = Some(format!(
-                    "{} failed connections, first: {}",
-                    r.errors,
-                    r.first_error.unwrap_or_default()
-                ));
+            // One client: the time to first byte of an unloaded path. Then many: the
+            // rate the path sustains.
+            for clients in [1, probes::CPS_CLIENTS] {
+                topo::interrupted()?;
+                let mut r = probes::connections_per_second(
+                    &topo.laptop,
+                    inet(topo::GREET_PORT),
+                    cfg.cps_secs,
+                    clients,
+                )?;
+                if clients == 1 {
+                    if let Some((a, b)) = stats::p50_p99(&mut r.ttfb_us) {
+                        t50.push(a);
+                        t99.push(b);
+                    }
+                } else if r.connections > 0 {
+                    rates.push(r.connections as f64 / r.seconds);
+                }
+                if r.errors > 0 {
+                    notes = Some(format!(
+                        "{} failed connections with {clients} client(s), first: {}",
+                        r.errors,
+                        r.first_error.unwrap_or_default()
+                    ));
+                }
             }
         }
         put_rounds(&mut f, "cps", rates, &notes);

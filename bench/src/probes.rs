@@ -11,8 +11,10 @@ use crate::topo::{self, ECHO_PORT, GREET_PORT};
 
 /// Size of one request and of its response.
 pub const RR_LEN: usize = 64;
-/// Concurrent clients of the connections-per-second test.
-pub const CPS_CLIENTS: usize = 4;
+/// Concurrent clients of the connections-per-second test: enough that the rate is the
+/// path's capacity, not one client's round trip (one client measures time to first
+/// byte).
+pub const CPS_CLIENTS: usize = 16;
 
 /// Serves the echo (port 7000) and greeting (port 7001: one byte at once, then waits
 /// for the close) servers on this thread until the process is killed. Run as
@@ -160,14 +162,19 @@ fn one_connection(server: &SocketAddr) -> Result<f64, String> {
     Ok(ttfb)
 }
 
-/// [`CPS_CLIENTS`] clients open, read the first byte of, and reset connections to the
+/// `clients` clients open, read the first byte of, and reset connections to the
 /// greeting server for `secs` seconds.
-pub fn connections_per_second(ns: &str, server: SocketAddr, secs: f64) -> Result<CpsResult, Error> {
+pub fn connections_per_second(
+    ns: &str,
+    server: SocketAddr,
+    secs: f64,
+    clients: usize,
+) -> Result<CpsResult, Error> {
     topo::in_ns(ns, move || {
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(secs);
         let results: Vec<CpsResult> = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..CPS_CLIENTS)
+            let hs: Vec<_> = (0..clients.max(1))
                 .map(|_| {
                     sc.spawn(move || {
                         let mut r = CpsResult::default();

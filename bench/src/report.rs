@@ -82,9 +82,24 @@ pub const METRICS: &[MetricDef] = &[
     ),
     m("rr_p50_us", "request/response p50", "µs", Better::Lower),
     m("rr_p99_us", "request/response p99", "µs", Better::Lower),
-    m("cps", "new TCP connections", "conn/s", Better::Higher),
-    m("ttfb_p50_us", "time to first byte p50", "µs", Better::Lower),
-    m("ttfb_p99_us", "time to first byte p99", "µs", Better::Lower),
+    m(
+        "cps",
+        "new TCP connections, 16 clients",
+        "conn/s",
+        Better::Higher,
+    ),
+    m(
+        "ttfb_p50_us",
+        "time to first byte p50, 1 client",
+        "µs",
+        Better::Lower,
+    ),
+    m(
+        "ttfb_p99_us",
+        "time to first byte p99, 1 client",
+        "µs",
+        Better::Lower,
+    ),
     m(
         "cpu_gw_s_per_gb",
         "CPU, gateway side (TCP bulk)",
