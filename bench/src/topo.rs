@@ -130,6 +130,13 @@ pub fn owner_pid(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
 }
 
+/// The pid in a boringtun control socket name `vsb<pid>l.sock` / `vsb<pid>p.sock`.
+pub fn wg_sock_owner(name: &str) -> Option<u32> {
+    let r = name.strip_prefix("vsb")?.strip_suffix(".sock")?;
+    let pid = r.strip_suffix('l').or_else(|| r.strip_suffix('p'))?;
+    pid.parse().ok()
+}
+
 /// Removes harness namespaces and boringtun sockets whose run is gone. Returns their
 /// names.
 pub fn cleanup_stale() -> Vec<String> {
@@ -148,12 +155,7 @@ pub fn cleanup_stale() -> Vec<String> {
     }
     if let Ok(dir) = std::fs::read_dir("/var/run/wireguard") {
         for name in dir.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
-            let Some(pid) = name
-                .strip_prefix("vsb")
-                .and_then(|r| r.strip_suffix(".sock"))
-                .and_then(|r| r.get(..r.len().saturating_sub(1)))
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
+            let Some(pid) = wg_sock_owner(&name) else {
                 continue;
             };
             if !alive(pid) {
@@ -462,5 +464,14 @@ mod tests {
         assert_eq!(owner_pid("vsb-1234-laptop"), Some(1234));
         assert_eq!(owner_pid("vsb-x-laptop"), None);
         assert_eq!(owner_pid("vstb-1-laptop"), None);
+    }
+
+    #[test]
+    fn owner_pid_of_wg_sockets() {
+        assert_eq!(wg_sock_owner("vsb1234l.sock"), Some(1234));
+        assert_eq!(wg_sock_owner("vsb99p.sock"), Some(99));
+        assert_eq!(wg_sock_owner("wg0.sock"), None);
+        assert_eq!(wg_sock_owner("vsb12x.sock"), None);
+        assert_eq!(wg_sock_owner("vsbl.sock"), None);
     }
 }
