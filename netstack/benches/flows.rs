@@ -6,7 +6,11 @@
 //!
 //! ```text
 //! cargo bench -p netstack --bench flows -- [--mtu N] [--mib N] [--flows N] [--only bulk|flows]
+//!     [--buf MAX] [--init INITIAL] [--loss N]
 //! ```
+//!
+//! `--buf`/`--init` set the TCP buffers' largest and initial sizes, `--loss N` drops
+//! every Nth packet towards the laptop (a lossy client path, as on the UDP transport).
 //!
 //! Prints, each as a figure and a ratio to a baseline measured in the same run:
 //! - bulk download and upload of one TCP flow through the netstack, against the same
@@ -51,6 +55,8 @@ fn main() {
     let mut flows: usize = 10_000;
     let mut only: Option<String> = None;
     let mut buf: Option<usize> = None;
+    let mut loss: usize = 0;
+    let mut init: Option<usize> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -59,6 +65,9 @@ fn main() {
             "--flows" => flows = args.next().and_then(|v| v.parse().ok()).expect("--flows N"),
             "--only" => only = args.next(),
             "--buf" => buf = args.next().and_then(|v| v.parse().ok()),
+            "--init" => init = args.next().and_then(|v| v.parse().ok()),
+            // Drop every Nth packet towards the laptop (a lossy client path).
+            "--loss" => loss = args.next().and_then(|v| v.parse().ok()).expect("--loss N"),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -68,14 +77,15 @@ fn main() {
     if only.as_deref() != Some("flows") {
         let base_down = plain_loopback(server.addr, bytes, true);
         let base_up = plain_loopback(server.addr, bytes, false);
-        let mut ns = Bench::new(mtu, flows, buf);
+        let mut ns = Bench::new(mtu, flows, buf, init);
+        ns.loss = loss;
         let down = ns.bulk(server.addr, bytes, true);
         let up = ns.bulk(server.addr, bytes, false);
         report("bulk download", down, base_down, "plain loopback TCP");
         report("bulk upload", up, base_up, "plain loopback TCP");
     }
     if only.as_deref() != Some("bulk") {
-        let mut ns = Bench::new(mtu, flows, buf);
+        let mut ns = Bench::new(mtu, flows, buf, init);
         let alone = ns.bulk(server.addr, bytes, true);
         let before = rss_kib();
         let t = Instant::now();
@@ -327,10 +337,12 @@ struct Bench {
     batch: PacketBatch,
     raw: HashMap<u16, RawFlow>,
     raw_done: usize,
+    loss: usize,
+    seen: usize,
 }
 
 impl Bench {
-    fn new(mtu: u16, flows: usize, buf: Option<usize>) -> Self {
+    fn new(mtu: u16, flows: usize, buf: Option<usize>, init: Option<usize>) -> Self {
         let mut config = Config {
             egress: Egress::Any,
             caps: Caps {
@@ -344,6 +356,9 @@ impl Bench {
         };
         if let Some(b) = buf {
             config.tcp_buffer_size = b;
+        }
+        if let Some(b) = init {
+            config.tcp_buffer_initial = b;
         }
         let mut ns = Netstack::new(config).unwrap();
         let lease = Lease {
@@ -382,6 +397,8 @@ impl Bench {
             batch: PacketBatch::new(),
             raw: HashMap::new(),
             raw_done: 0,
+            loss: 0,
+            seen: 0,
         }
     }
 
@@ -417,6 +434,10 @@ impl Bench {
                         replies.push(r);
                     }
                 } else {
+                    self.seen += 1;
+                    if self.loss > 0 && self.seen % self.loss == 0 {
+                        continue;
+                    }
                     let mut b = self.dev.pool.pop().unwrap_or_default();
                     b.clear();
                     b.extend_from_slice(p);

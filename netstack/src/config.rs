@@ -129,12 +129,19 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Largest size each smoltcp TCP socket buffer (receive and send alike) may grow
     /// to; also sets the window scale offered. Sized for the bandwidth-delay product
-    /// of the client's path (1 MiB: 8 Gbit/s at 1 ms).
+    /// of the client's path (256 KiB: 2 Gbit/s at 1 ms), and no larger: smoltcp has
+    /// no SACK and retransmits go-back-N, so on a lossy path (the UDP transport) a
+    /// 1 MiB window collapsed the flow (netstack/benches/flows.rs `--loss 100`:
+    /// 16 MiB took 10 s at 1 MiB, 0.03 s at 256 KiB).
     pub tcp_buffer_size: usize,
     /// Size each TCP socket buffer starts with. Buffers double while the flow's
     /// throughput is limited by them, and go back to this size after
     /// [`TCP_BUFFER_SHRINK_AFTER`] without traffic, so an idle flow costs a few KiB.
     pub tcp_buffer_initial: usize,
+    /// Lower bound of the retransmission timeout towards the client (smoltcp's own is
+    /// 1 s; 200 ms as Linux: the client is milliseconds away, and a segment lost
+    /// where fast retransmit cannot help otherwise stalls the flow for a second).
+    pub tcp_min_rto: Duration,
 }
 
 impl Default for Config {
@@ -144,8 +151,9 @@ impl Default for Config {
             egress: Egress::Any,
             caps: Caps::default(),
             timeouts: Timeouts::default(),
-            tcp_buffer_size: 1024 * 1024,
+            tcp_buffer_size: 256 * 1024,
             tcp_buffer_initial: 4 * 1024,
+            tcp_min_rto: Duration::from_millis(200),
         }
     }
 }

@@ -59,13 +59,13 @@ pub const INITIAL_CREDIT: Credit = Credit {
 /// at most 256 packets / 256 KiB, each sent only while the worker's credit covers it):
 /// one full batch, so that large packets (a lease MTU up to 65,000) still travel
 /// several to a message.
-const DRAIN_BYTES: usize = ipc_schema::limits::MAX_BATCH_BYTES;
+const DRAIN_BYTES: usize = 64 * 1024;
 
 /// Encoded frames waiting in a lease's send buffer beyond which nothing more is
 /// drained for it: its packets then wait in the netstack's bounded outbound queue,
 /// whose fullness stalls smoltcp and, through the OS socket buffers, the servers.
 /// One full batch may wait while the next is drained.
-const SEND_HIGH_WATER: usize = ipc_schema::limits::MAX_BATCH_BYTES;
+const SEND_HIGH_WATER: usize = 64 * 1024;
 
 /// The receive buffer of a data channel: one largest frame plus room to read ahead.
 const RECV_BUF: usize = 4 + MAX_FRAME_DATA + 64 * 1024;

@@ -846,6 +846,9 @@ impl Netstack {
         // The window scale is offered in the SYN-ACK: choose it for the largest
         // buffer the flow may grow to.
         sock.set_max_rx_capacity(max);
+        sock.set_min_rto(smoltcp::time::Duration::from_millis(
+            u64::try_from(self.config.tcp_min_rto.as_millis()).unwrap_or(u64::MAX),
+        ));
         let mut rx = Queue::new(usize::MAX);
         let iface = peer.new_interface(smol_now, Some(&mut rx));
         let mut sockets = SocketSet::new(Vec::with_capacity(1));

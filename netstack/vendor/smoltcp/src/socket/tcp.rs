@@ -173,6 +173,8 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
+    /// VPN Share patch: the lower bound of `rto` (upstream: `RTTE_MIN_RTO`).
+    min_rto: u32,
 }
 
 impl Default for RttEstimator {
@@ -185,6 +187,7 @@ impl Default for RttEstimator {
             timestamp: None,
             max_seq_sent: None,
             rto_count: 0,
+            min_rto: RTTE_MIN_RTO,
         }
     }
 }
@@ -214,7 +217,7 @@ impl RttEstimator {
 
         // RFC 6298 (2.2), (2.3)
         let margin = RTTE_MIN_MARGIN.max(self.rttvar * RTTE_K);
-        self.rto = (self.srtt + margin).clamp(RTTE_MIN_RTO, RTTE_MAX_RTO);
+        self.rto = (self.srtt + margin).clamp(self.min_rto, RTTE_MAX_RTO);
 
         self.rto_count = 0;
 
@@ -1268,6 +1271,16 @@ impl<'a> Socket<'a> {
             Err(managed::ManagedSlice::Owned(v)) => Err(v),
             Err(managed::ManagedSlice::Borrowed(_)) => Err(alloc::vec::Vec::new()),
         }
+    }
+
+    /// VPN Share patch: lowers (or raises) the retransmission timeout's lower bound
+    /// from upstream's 1 s (RFC 6298's conservative value) to `min`, e.g. Linux's
+    /// 200 ms on a path whose round trip is milliseconds: with the upstream bound a
+    /// lost segment that fast retransmit cannot repair stalls the flow for a second.
+    /// Call after `listen` or `connect` (both reset the estimator).
+    pub fn set_min_rto(&mut self, min: Duration) {
+        let ms = u32::try_from(min.total_millis()).unwrap_or(RTTE_MAX_RTO);
+        self.rtte.min_rto = ms.clamp(1, RTTE_MAX_RTO);
     }
 
     /// VPN Share patch: the peer's receive window (bytes it allows beyond what it
