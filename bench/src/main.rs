@@ -67,6 +67,9 @@ struct Args {
     /// Concurrent flows to hold open; default 10000, 1000 with --quick.
     #[arg(long)]
     flows: Option<usize>,
+    /// Also print this run beside an earlier JSON report (e.g. before a change).
+    #[arg(long)]
+    compare: Option<PathBuf>,
     /// Use the release binaries as they are (no cargo build).
     #[arg(long)]
     no_build: bool,
@@ -460,6 +463,15 @@ fn real_main(args: Args) -> Result<(), Error> {
         if cfg.quick { ", --quick" } else { "" }
     );
     println!("{}", rep.table());
+    if let Some(path) = &args.compare {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(before) => println!("{}", rep.compare_table(&before)),
+            Err(e) => eprintln!("--compare {}: {e}", path.display()),
+        }
+    }
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Setup(format!("{}: {e}", dir.display())))?;

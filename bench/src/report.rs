@@ -351,6 +351,60 @@ impl Report {
     }
 }
 
+impl Report {
+    /// This run beside an earlier one (its JSON report, e.g. before a data-path
+    /// change): per scenario of this run, the earlier figure, this one, and their ratio.
+    pub fn compare_table(&self, before: &serde_json::Value) -> String {
+        let old = |s: &str, k: &str| {
+            before
+                .get("scenarios")?
+                .get(s)?
+                .get(k)?
+                .get("value")?
+                .as_f64()
+        };
+        let cols: Vec<(&str, &str)> = SCENARIOS
+            .iter()
+            .copied()
+            .filter(|(k, _)| self.scenarios.contains_key(*k))
+            .collect();
+        let mut head = vec!["metric".to_owned(), "unit".to_owned(), "".to_owned()];
+        for (_, t) in &cols {
+            head.extend([
+                format!("{t} before"),
+                format!("{t} now"),
+                "now/before".to_owned(),
+            ]);
+        }
+        let mut rows = vec![head];
+        for md in METRICS {
+            let cells: Vec<(Option<f64>, Option<f64>)> = cols
+                .iter()
+                .map(|(s, _)| (old(s, md.key), self.value(s, md.key)))
+                .collect();
+            // Only what this run measured (it may have run a part: --tests).
+            if cells.iter().all(|(_, b)| b.is_none()) {
+                continue;
+            }
+            let mut row = vec![
+                md.label.to_owned(),
+                md.unit.to_owned(),
+                match md.better {
+                    Better::Higher => "↑".to_owned(),
+                    Better::Lower => "↓".to_owned(),
+                },
+            ];
+            for (a, b) in cells {
+                let f = |v: Option<f64>| v.map_or("—".to_owned(), format_value);
+                row.extend([f(a), f(b), format_ratio(ratio(b, a))]);
+            }
+            rows.push(row);
+        }
+        let date = before.get("date").and_then(|d| d.as_str()).unwrap_or("?");
+        format!("compared with the run of {date}:\n{}", render(&rows))
+    }
+}
+
 /// The per-process lines of one scenario: figures keyed `METRIC/PROCESS`, e.g.
 /// `cpu_gw_s_per_gb/vpnshare-netsta`, one line per metric.
 pub fn breakdown(scenario: &str, figs: &BTreeMap<String, Figure>) -> String {
@@ -535,6 +589,31 @@ mod tests {
         // Every row has the same width before trimming: the cells line up.
         let cols = lines[0].find("plain").unwrap();
         assert_eq!(up.chars().nth(cols - 1), Some(' '));
+    }
+
+    #[test]
+    fn comparison_with_an_earlier_run() {
+        let mut r = report();
+        r.compute_ratios();
+        let before = serde_json::json!({
+            "date": "2026-11-24 20:00:00 UTC",
+            "scenarios": {"udp": {"tcp_up_1": {"value": 0.5}, "rr_p50_us": {"value": null}}}
+        });
+        let t = r.compare_table(&before);
+        assert!(t.starts_with("compared with the run of 2026-11-24 20:00:00 UTC:\n"));
+        let up = t
+            .lines()
+            .find(|l| l.starts_with("TCP upload, 1 stream"))
+            .unwrap();
+        // plain and boringtun have no earlier figure; VS udp went 0.5 -> 1.0.
+        let cells: Vec<&str> = up.split_whitespace().skip(4).collect();
+        assert_eq!(
+            cells,
+            [
+                "Gbit/s", "↑", "—", "16.0", "—", "—", "0.400", "—", "0.500", "1.00", "2.00×"
+            ],
+            "{up}"
+        );
     }
 
     #[test]
