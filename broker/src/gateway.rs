@@ -953,6 +953,9 @@ impl Gateway {
                 continue;
             }
             let _ = stream.set_nonblocking(false);
+            // Records go out as the worker writes them (the client does the same):
+            // Nagle would hold a small answer back behind an unacknowledged one.
+            let _ = stream.set_nodelay(true);
             self.spawn_worker(
                 source,
                 TransportKind::Stream,

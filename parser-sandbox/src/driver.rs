@@ -32,6 +32,19 @@ pub const INITIAL_CREDIT: Credit = Credit {
     packets: 1024,
     bytes: 1024 * 1024,
 };
+/// Credit owed to the netstack is granted back once it reaches this (a quarter of
+/// [`INITIAL_CREDIT`]; no batch is larger than 256 packets / 256 KiB, so the netstack
+/// never waits for it while it still holds three quarters of its window).
+pub const CREDIT_REGRANT: Credit = Credit {
+    packets: INITIAL_CREDIT.packets / 4,
+    bytes: INITIAL_CREDIT.bytes / 4,
+};
+const _: () = assert!(
+    CREDIT_REGRANT.packets as usize + ipc_schema::limits::MAX_BATCH_PACKETS
+        <= INITIAL_CREDIT.packets as usize
+        && CREDIT_REGRANT.bytes as usize + ipc_schema::limits::MAX_BATCH_BYTES
+            <= INITIAL_CREDIT.bytes as usize
+);
 /// Reads per readable burst before the other descriptors get a turn.
 const BURST: usize = 64;
 /// `recvmmsg` calls per readable burst on a datagram transport (32 datagrams each).
@@ -207,6 +220,8 @@ struct Transport {
 struct DataPath {
     ch: Channel<data::WorkerEnd>,
     credit: Credit,
+    /// Credit for batches already taken from the netstack, not yet granted back.
+    owed: Credit,
 }
 
 fn to_mode(k: TransportKind) -> TransportMode {
@@ -244,6 +259,10 @@ fn attach_data_path(fd: OwnedFd, lease: LeaseId) -> Option<DataPath> {
     Some(DataPath {
         ch,
         credit: Credit {
+            packets: 0,
+            bytes: 0,
+        },
+        owed: Credit {
             packets: 0,
             bytes: 0,
         },
@@ -536,15 +555,33 @@ impl Loop {
         };
         match d.ch.recv_data(&mut self.rbatch) {
             Ok(DataEvent::Packets) => {
-                let grant = Credit {
-                    packets: u32::try_from(self.rbatch.len()).unwrap_or(u32::MAX),
-                    bytes: u32::try_from(self.rbatch.total_bytes()).unwrap_or(u32::MAX),
-                };
+                d.owed.packets = d
+                    .owed
+                    .packets
+                    .saturating_add(u32::try_from(self.rbatch.len()).unwrap_or(u32::MAX));
+                d.owed.bytes = d
+                    .owed
+                    .bytes
+                    .saturating_add(u32::try_from(self.rbatch.total_bytes()).unwrap_or(u32::MAX));
                 core.on_return_batch(&self.rbatch, self.origin.elapsed());
-                if let Err(e) = d.ch.send_credit(grant) {
-                    tracing::warn!(error = %e, "data path: credit failed");
-                    self.data = None;
-                    core.set_data_path(false);
+                // Granted back once a quarter of the window is owed, not per batch: a
+                // request/response exchange then costs the netstack no wake-up for a
+                // credit frame, and it always keeps three quarters of its window.
+                if d.owed.packets >= CREDIT_REGRANT.packets
+                    || d.owed.bytes >= CREDIT_REGRANT.bytes
+                {
+                    let grant = std::mem::replace(
+                        &mut d.owed,
+                        Credit {
+                            packets: 0,
+                            bytes: 0,
+                        },
+                    );
+                    if let Err(e) = d.ch.send_credit(grant) {
+                        tracing::warn!(error = %e, "data path: credit failed");
+                        self.data = None;
+                        core.set_data_path(false);
+                    }
                 }
             }
             Ok(DataEvent::Credit(c)) => {
