@@ -567,8 +567,7 @@ impl Loop {
                 // Granted back once a quarter of the window is owed, not per batch: a
                 // request/response exchange then costs the netstack no wake-up for a
                 // credit frame, and it always keeps three quarters of its window.
-                if d.owed.packets >= CREDIT_REGRANT.packets
-                    || d.owed.bytes >= CREDIT_REGRANT.bytes
+                if d.owed.packets >= CREDIT_REGRANT.packets || d.owed.bytes >= CREDIT_REGRANT.bytes
                 {
                     let grant = std::mem::replace(
                         &mut d.owed,
