@@ -112,10 +112,6 @@ impl Default for Timeouts {
     }
 }
 
-/// An established flow whose buffers grew goes back to
-/// [`Config::tcp_buffer_initial`] after this long without traffic.
-pub const TCP_BUFFER_SHRINK_AFTER: Duration = Duration::from_secs(10);
-
 /// Everything `Netstack::new` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -136,8 +132,13 @@ pub struct Config {
     pub tcp_buffer_size: usize,
     /// Size each TCP socket buffer starts with. Buffers double while the flow's
     /// throughput is limited by them, and go back to this size after
-    /// [`TCP_BUFFER_SHRINK_AFTER`] without traffic, so an idle flow costs a few KiB.
+    /// [`tcp_buffer_shrink_after`](Self::tcp_buffer_shrink_after) without traffic, so
+    /// an idle flow costs a few KiB.
     pub tcp_buffer_initial: usize,
+    /// How long an established flow whose buffers grew must carry no traffic before
+    /// they go back to `tcp_buffer_initial` (checked once a second, only when nothing
+    /// waits in them).
+    pub tcp_buffer_shrink_after: Duration,
     /// Lower bound of the retransmission timeout towards the client (smoltcp's own is
     /// 1 s; 200 ms as Linux: the client is milliseconds away, and a segment lost
     /// where fast retransmit cannot help otherwise stalls the flow for a second).
@@ -153,6 +154,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             tcp_buffer_size: 256 * 1024,
             tcp_buffer_initial: 4 * 1024,
+            tcp_buffer_shrink_after: Duration::from_secs(10),
             tcp_min_rto: Duration::from_millis(200),
         }
     }

@@ -16,7 +16,7 @@
 //! the current time; `poll` returns the next deadline (smoltcp's `poll_at`, flow
 //! timeouts), so nothing ever sleep-polls.
 
-use crate::config::{Config, Egress, TCP_BUFFER_SHRINK_AFTER};
+use crate::config::{Config, Egress};
 use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::{LeaseQueues, Queue};
 use crate::dns::{self, CacheKey, DnsCache};
@@ -891,7 +891,7 @@ impl Netstack {
         }
     }
 
-    /// Gives flows idle for [`TCP_BUFFER_SHRINK_AFTER`] their initial buffers back
+    /// Gives flows idle for `Config::tcp_buffer_shrink_after` their initial buffers back
     /// (when nothing waits in them), so that a flow that once moved a lot costs a few
     /// KiB while it idles.
     fn shrink_idle_buffers(&mut self, now: Instant) {
@@ -901,7 +901,7 @@ impl Netstack {
             .clamp(1, self.config.tcp_buffer_size.max(1));
         let ids = self
             .flows
-            .oversized_idle(now, TCP_BUFFER_SHRINK_AFTER, initial * 2);
+            .oversized_idle(now, self.config.tcp_buffer_shrink_after, initial * 2);
         for id in ids {
             let Some(open) = self.open_tcp(id) else {
                 continue;

@@ -351,3 +351,73 @@ fn client_reset_and_fin_reach_the_server() {
     assert_eq!(results[0], (b"bye".to_vec(), "eof"));
     assert_eq!(results[1], (b"bye".to_vec(), "reset"));
 }
+
+/// Buffers start small, grow while a bulk transfer is limited by them (never past
+/// the configured size), go back to their initial size once the flow idles, and the
+/// flow still carries data correctly afterwards.
+#[test]
+fn buffers_grow_under_load_and_shrink_when_idle() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = echo_server(listener);
+    let mut config = loopback_config();
+    config.tcp_buffer_initial = 4096;
+    config.tcp_buffer_size = 128 * 1024;
+    config.tcp_buffer_shrink_after = std::time::Duration::ZERO;
+    let mut h = Harness::new(config);
+    let mut sock = tcp_socket(256 * 1024);
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_011),
+    )
+    .unwrap();
+    let handle = h.sockets.add(sock);
+    h.run_until(5, "established", |h| {
+        h.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Established
+    });
+    let lease = h.lease.id;
+    assert_eq!(h.ns.lease_stats(lease).unwrap().buffer_bytes, 2 * 4096);
+
+    let mut echo = |h: &mut Harness, len: usize, seed: usize| {
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 + seed) as u8).collect();
+        let (mut sent, mut received, mut most) = (0, Vec::with_capacity(len), 0);
+        h.run_until(9, "echo", |h| {
+            let s = h.sockets.get_mut::<tcp::Socket>(handle);
+            if s.can_send() && sent < len {
+                sent += s.send_slice(&data[sent..]).unwrap();
+            }
+            while s.can_recv() {
+                s.recv(|b| {
+                    received.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            most = most.max(h.ns.lease_stats(lease).unwrap().buffer_bytes);
+            received.len() == len
+        });
+        assert_eq!(fnv(&received), fnv(&data));
+        most
+    };
+    let most = echo(&mut h, 2 * 1024 * 1024, 1);
+    let c = h.ns.counters();
+    assert!(c.tcp_buffer_grows > 0, "{c:?}");
+    assert!(most > 2 * 4096, "buffers grew: {most}");
+    assert!(
+        most <= 2 * 128 * 1024,
+        "never past the configured size: {most}"
+    );
+    // Idle: the once-a-second sweep gives the initial buffers back.
+    h.run_until(5, "shrink", |h| {
+        h.ns.lease_stats(lease).unwrap().buffer_bytes == 2 * 4096
+    });
+    assert!(h.ns.counters().tcp_buffer_shrinks >= 1);
+    // The shrunk flow still works, and grows again.
+    echo(&mut h, 512 * 1024, 2);
+    h.sockets.get_mut::<tcp::Socket>(handle).close();
+    h.run_until(5, "flow removal", |h| h.ns.counters().tcp_flows == 0);
+    assert_eq!(join.join().unwrap(), 2 * 1024 * 1024 + 512 * 1024);
+    let c = h.ns.counters();
+    assert_eq!(c.total_drops(), 0, "{c:?}");
+}

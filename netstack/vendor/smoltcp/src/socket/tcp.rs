@@ -1786,6 +1786,10 @@ impl<'a> Socket<'a> {
         } else {
             window_start
         };
+        // VPN Share patch: never accept more than the receive buffer holds now. It can
+        // be smaller than a window already advertised after `replace_rx_buffer` shrank
+        // it; the excess is trimmed like data beyond the window (the peer resends it).
+        let window_end = window_end.min(window_start + self.rx_buffer.window());
         let segment_start = repr.seq_number;
         let segment_end = repr.seq_number + repr.payload.len();
 
