@@ -379,7 +379,7 @@ fn buffers_grow_under_load_and_shrink_when_idle() {
     let lease = h.lease.id;
     assert_eq!(h.ns.lease_stats(lease).unwrap().buffer_bytes, 2 * 4096);
 
-    let mut echo = |h: &mut Harness, len: usize, seed: usize| {
+    let echo = |h: &mut Harness, len: usize, seed: usize| {
         let data: Vec<u8> = (0..len).map(|i| (i * 13 + seed) as u8).collect();
         let (mut sent, mut received, mut most) = (0, Vec::with_capacity(len), 0);
         h.run_until(9, "echo", |h| {
