@@ -232,6 +232,38 @@ pub fn temp_dir(tag: &str) -> Result<PathBuf, String> {
     Ok(d)
 }
 
+/// `vpnshare gateway` in the phone on the testbed's LAN address; returns it and its
+/// invite.
+fn spawn_gateway(
+    bins: &Path,
+    tb: &Testbed,
+    gw_dir: &Path,
+    extra: &[&str],
+) -> Result<(Proc, String), String> {
+    let listen = format!("{}:{LISTEN_PORT}", tb.phone_lan_ip());
+    let mut cmd = Command::new(bins.join("vpnshare"));
+    cmd.args([
+        "gateway",
+        "--listen",
+        &listen,
+        "--egress",
+        "vpn",
+        // The capture counts every other packet on the LAN as a leak.
+        "--no-mdns",
+        "--state-dir",
+    ])
+    .arg(gw_dir)
+    .args(extra)
+    .env("RUST_LOG", "info");
+    let mut gateway = Proc::spawn(tb, Node::Phone, &mut cmd)?;
+    let invite = gateway
+        .wait_line("vshp://", Duration::from_secs(20))
+        .map_err(|e| format!("gateway: {e}\n{}", gateway.output()))?
+        .trim()
+        .to_owned();
+    Ok((gateway, invite))
+}
+
 impl Stack {
     /// Builds the testbed (an HTTP file of `file_mb` MiB) and starts the gateway.
     pub fn start(bins: &Path, tag: &str, file_mb: usize) -> Result<Self, String> {
@@ -251,28 +283,7 @@ impl Stack {
             .map_err(|e| format!("building the testbed: {e}"))?;
         let gw_dir = temp_dir(&format!("{tag}-phone"))?;
         let laptop_dir = temp_dir(&format!("{tag}-laptop"))?;
-        let listen = format!("{}:{LISTEN_PORT}", tb.phone_lan_ip());
-        let mut cmd = Command::new(bins.join("vpnshare"));
-        cmd.args([
-            "gateway",
-            "--listen",
-            &listen,
-            "--egress",
-            "vpn",
-            // The capture counts every other packet on the LAN as a leak.
-            "--no-mdns",
-            "--state-dir",
-        ])
-        .arg(&gw_dir)
-        .args(gateway_args)
-        .env("RUST_LOG", "info");
-        let mut gateway = Proc::spawn(&tb, Node::Phone, &mut cmd)?;
-        let invite = gateway
-            .wait_line("vshp://", Duration::from_secs(20))
-            .map_err(|e| format!("gateway: {e}\n{}", gateway.output()))?
-            .trim()
-            .to_owned();
-        // Wait until the gateway sees the VPN (sharing available).
+        let (gateway, invite) = spawn_gateway(bins, &tb, &gw_dir, gateway_args)?;
         let s = Self {
             gateway,
             client: None,
@@ -282,8 +293,26 @@ impl Stack {
             bins: bins.to_path_buf(),
             tb,
         };
+        s.wait_sharing()?;
+        Ok(s)
+    }
+
+    /// Stops the gateway (SIGTERM) and starts a new run on the same state dir: the same
+    /// identity and trusted peers, a fresh resume-ticket key.
+    pub fn restart_gateway(&mut self) -> Result<(), String> {
+        self.gateway.stop(nix::sys::signal::Signal::SIGTERM)?;
+        let (gateway, invite) = spawn_gateway(&self.bins, &self.tb, &self.gw_dir, &[])?;
+        self.gateway = gateway;
+        if invite != self.invite {
+            return Err(format!("the invite changed: {invite} vs {}", self.invite));
+        }
+        self.wait_sharing()
+    }
+
+    /// Waits until the gateway sees the VPN (sharing available).
+    fn wait_sharing(&self) -> Result<(), String> {
         let end = Instant::now() + Duration::from_secs(10);
-        while s
+        while self
             .status()
             .map(|v| v["sharing_available"] != true)
             .unwrap_or(true)
@@ -291,12 +320,12 @@ impl Stack {
             if Instant::now() > end {
                 return Err(format!(
                     "the gateway does not see the VPN: {:?}",
-                    s.status()
+                    self.status()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(s)
+        Ok(())
     }
 
     /// `vpnshare ARGS` on the host (state-dir commands work from anywhere).

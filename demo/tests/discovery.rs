@@ -109,12 +109,7 @@ fn a_gateway_in_phone_is_discovered_from_laptop_and_pinned_only_after_pairing() 
         let line = client
             .wait_line("Compare this code", Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("{e}\n{}", client.output()));
-        let code = line
-            .split_whitespace()
-            .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
-            .unwrap()
-            .to_owned();
-        (client, code)
+        (client, common::pairing_code(&line))
     };
     let pairing = |verb: &str, code: &str| {
         let out = Command::new(bins.join("vpnshare"))

@@ -14,7 +14,7 @@ use common::{ready, trusted_stack, wait_restored};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use demo::{LISTEN_PORT, Proc, Stack};
+use demo::{Proc, Stack};
 use nix::sys::signal::Signal;
 use testbed::{Node, client};
 
@@ -85,7 +85,7 @@ fn tun_name(up: &str) -> String {
 
 #[test]
 fn a_ticket_from_before_a_gateway_restart_gets_bad_ticket_and_the_client_comes_up_again() {
-    let Some(bins) = ready() else { return };
+    let Some(_) = ready() else { return };
     let mut s = trusted_stack("badticket", 1);
     let before = s.laptop_net().unwrap();
     s.connect("udp", false).unwrap();
@@ -99,31 +99,7 @@ fn a_ticket_from_before_a_gateway_restart_gets_bad_ticket_and_the_client_comes_u
 
     // A new gateway run on the same state dir: the same trusted peers, a fresh
     // resume-ticket key, so the laptop's saved ticket cannot open.
-    s.gateway.stop(Signal::SIGTERM).unwrap();
-    let listen = format!("{}:{LISTEN_PORT}", s.tb.phone_lan_ip());
-    let mut cmd = Command::new(bins.join("vpnshare"));
-    cmd.args([
-        "gateway",
-        "--listen",
-        &listen,
-        "--egress",
-        "vpn",
-        "--no-mdns",
-    ])
-    .arg("--state-dir")
-    .arg(&s.gw_dir)
-    .env("RUST_LOG", "info");
-    s.gateway = Proc::spawn(&s.tb, Node::Phone, &mut cmd).unwrap();
-    s.gateway.wait_line("vshp://", T).unwrap();
-    let end = Instant::now() + T;
-    while s
-        .status()
-        .map(|v| v["sharing_available"] != true)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < end, "the new gateway does not see the VPN");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.restart_gateway().unwrap();
 
     // The restarted client presents the old ticket, is told BadTicket, drops it and
     // connects again without RESUME: the tunnel comes up and carries traffic.

@@ -6,10 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
-use common::{one_error_line, ready, spawn_in_laptop, wait_restored};
+use common::{connect_for_pairing, one_error_line, ready, wait_restored};
 
-use std::process::Command;
-use std::time::Duration;
 
 use demo::Stack;
 
@@ -23,23 +21,7 @@ fn an_unanswered_pairing_request_expires_and_the_device_is_told_in_one_line() {
     let mut s =
         Stack::start_with(&bins, "expire", 1, &["--pairing-timeout", TIMEOUT_SECS]).unwrap();
     let before = s.laptop_net().unwrap();
-    let mut cmd = Command::new(s.bins.join("vpnshare"));
-    cmd.args(["connect", &s.invite, "--state-dir"])
-        .arg(&s.laptop_dir)
-        .arg("--resolv-conf")
-        .arg(s.tb.resolv_conf(testbed::Node::Laptop));
-    s.client = Some(spawn_in_laptop(&s, &mut cmd));
-    let line = s
-        .client
-        .as_mut()
-        .unwrap()
-        .wait_line("Compare this code", Duration::from_secs(20))
-        .unwrap();
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap()
-        .to_owned();
+    let code = connect_for_pairing(&mut s);
     let dir = s.gw_dir.to_string_lossy().into_owned();
     // Waiting: the gateway lists it (nobody answers it).
     let listed = s

@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
-use common::{one_error_line, ready, spawn_in_laptop, trusted_stack, wait_restored};
+use common::{
+    connect_for_pairing, one_error_line, ready, spawn_in_laptop, trusted_stack, wait_restored,
+};
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -277,23 +279,7 @@ fn a_denied_pairing_ends_the_client_in_one_line_and_leaves_nothing_behind() {
     let Some(_) = ready() else { return };
     let mut s = Stack::start(&demo::bin_dir().unwrap(), "deny", 1).unwrap();
     let before = s.laptop_net().unwrap();
-    let mut cmd = Command::new(s.bins.join("vpnshare"));
-    cmd.args(["connect", &s.invite, "--state-dir"])
-        .arg(&s.laptop_dir)
-        .arg("--resolv-conf")
-        .arg(s.tb.resolv_conf(testbed::Node::Laptop));
-    s.client = Some(spawn_in_laptop(&s, &mut cmd));
-    let line = s
-        .client
-        .as_mut()
-        .unwrap()
-        .wait_line("Compare this code", Duration::from_secs(20))
-        .unwrap();
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
-        .unwrap()
-        .to_owned();
+    let code = connect_for_pairing(&mut s);
     let dir = s.gw_dir.to_string_lossy().into_owned();
     s.vpnshare(&["pairing", "--state-dir", &dir, "deny", &code])
         .unwrap();

@@ -77,3 +77,27 @@ pub fn one_error_line(s: &mut Stack) -> String {
 pub fn spawn_in_laptop(s: &Stack, cmd: &mut Command) -> demo::Proc {
     demo::Proc::spawn(&s.tb, testbed::Node::Laptop, cmd).unwrap()
 }
+
+/// The six-digit pairing code in a line the client printed.
+pub fn pairing_code(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| panic!("no pairing code in {line:?}"))
+        .to_owned()
+}
+
+/// Starts `vpnshare connect` with the stack's invite in the laptop (an unknown device)
+/// and returns the pairing code it shows.
+pub fn connect_for_pairing(s: &mut Stack) -> String {
+    let mut cmd = Command::new(s.bins.join("vpnshare"));
+    cmd.args(["connect", &s.invite, "--state-dir"])
+        .arg(&s.laptop_dir)
+        .arg("--resolv-conf")
+        .arg(s.tb.resolv_conf(testbed::Node::Laptop));
+    s.client = Some(spawn_in_laptop(s, &mut cmd));
+    let c = s.client.as_mut().unwrap();
+    let line = c
+        .wait_line("Compare this code", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.output()));
+    pairing_code(&line)
+}
