@@ -2,7 +2,7 @@
 //! flow plus one for packets of no flow) and one outbound queue (netstack → client)
 //! of pooled buffers, bounded in bytes per lease.
 
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant as SmolInstant;
 use std::collections::VecDeque;
 
@@ -267,6 +267,13 @@ impl phy::Device for Link<'_> {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
         caps.max_burst_size = None;
+        // Compute checksums on what we send, do not verify what arrives: the IPv4
+        // header checksum was verified by `packet::parse`, and a TCP segment crossed
+        // the client's authenticated tunnel from its own kernel, so a bad checksum can
+        // only be the client's doing and only hurts its own flow. Verifying every
+        // payload byte cost ~8 % of the netstack's bulk instructions (callgrind).
+        caps.checksum.ipv4 = Checksum::Tx;
+        caps.checksum.tcp = Checksum::Tx;
         caps
     }
 }
