@@ -21,7 +21,7 @@ use crate::counters::{Counters, DropReason, LeaseStats};
 use crate::device::{LeaseQueues, Queue};
 use crate::dns::{self, CacheKey, DnsCache};
 use crate::egress::{self, Kind, SocketHook};
-use crate::flows::{Expiry, FlowId, FlowKey, FlowTable};
+use crate::flows::{Expiry, FlowId, FlowKey, FlowTable, IdMap};
 use crate::packet::{self, IcmpError, Parsed, Transport};
 use mio::{Interest, Token};
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -333,7 +333,7 @@ pub struct Netstack {
     events: mio::Events,
     events_pending: bool,
     epoch: Instant,
-    peers: HashMap<LeaseId, Peer>,
+    peers: IdMap<LeaseId, Peer>,
     flows: FlowTable<Flow>,
     cache: DnsCache,
     upstreams: Vec<Upstream>,
@@ -388,7 +388,7 @@ impl Netstack {
             events: mio::Events::with_capacity(EVENTS),
             events_pending: false,
             epoch: Instant::now(),
-            peers: HashMap::new(),
+            peers: IdMap::default(),
             flows: FlowTable::default(),
             upstreams,
             preferred_upstream: 0,
