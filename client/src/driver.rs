@@ -287,7 +287,7 @@ impl Transport {
                         n += 1;
                     }
                 }
-                match mmsg::send_batch(s.as_raw_fd(), recs.get(..n).unwrap_or_default()) {
+                match mmsg::send_batch_gso(s.as_raw_fd(), recs.get(..n).unwrap_or_default()) {
                     Ok(_)
                     | Err(nix::errno::Errno::EAGAIN)
                     | Err(nix::errno::Errno::ECONNREFUSED) => Ok(()),

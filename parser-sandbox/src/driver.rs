@@ -652,12 +652,12 @@ fn wait_writable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), Errno> {
     }
 }
 
-/// The queued records as datagrams, [`mmsg::MAX_BATCH`] per `sendmmsg`; a full socket
-/// buffer waits briefly, then the rest is dropped (UDP may lose it anyway). Returns
+/// The queued records as datagrams (`sendmmsg`; runs of equal sizes as one UDP GSO
+/// datagram each, [`mmsg::send_batch_gso`]); a full socket buffer waits briefly, then the rest is dropped (UDP may lose it anyway). Returns
 /// how many were not sent.
 fn send_datagrams(fd: BorrowedFd<'_>, q: &crate::core::RecordQueue) -> usize {
     let deadline = Instant::now() + Duration::from_millis(200);
-    let mut recs: [&[u8]; mmsg::MAX_BATCH] = [&[]; mmsg::MAX_BATCH];
+    let mut recs: [&[u8]; mmsg::MAX_GSO_RECORDS] = [&[]; mmsg::MAX_GSO_RECORDS];
     let mut it = q.iter().peekable();
     let mut unsent = 0;
     while it.peek().is_some() {
@@ -668,7 +668,7 @@ fn send_datagrams(fd: BorrowedFd<'_>, q: &crate::core::RecordQueue) -> usize {
         }
         let mut batch = recs.get(..n).unwrap_or_default();
         while !batch.is_empty() {
-            match mmsg::send_batch(fd.as_raw_fd(), batch) {
+            match mmsg::send_batch_gso(fd.as_raw_fd(), batch) {
                 Ok(k) if k > 0 => batch = batch.get(k..).unwrap_or_default(),
                 Ok(_) | Err(Errno::EAGAIN | Errno::ENOBUFS) => {
                     if wait_writable(fd, deadline).is_err() {
