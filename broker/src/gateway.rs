@@ -2160,6 +2160,9 @@ pub fn connected_udp(local: SocketAddr, peer: SocketAddr) -> io::Result<OwnedFd>
     // the default 208 KiB holds ~90 full records): best effort (docs/performance.md).
     let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    // UDP GRO: the worker gets a run of the peer's records in one slot and splits it
+    // again (parser_sandbox::mmsg); the worker itself may not call setsockopt.
+    let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::UdpGroSegment, &true);
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_cloexec(true)?;

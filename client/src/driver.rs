@@ -224,6 +224,9 @@ impl Transport {
                     nix::sys::socket::sockopt::SndBuf,
                     &UDP_SOCKET_BUFFER,
                 );
+                // GRO: a run of the gateway's records can arrive in one slot
+                // (split again in `receive`); without it, one record per slot.
+                let _ = mmsg::enable_gro(s.as_fd());
                 s.connect(addr)?;
                 s.set_nonblocking(true)?;
                 Ok(Transport::Udp(s))
@@ -311,13 +314,18 @@ impl Transport {
             Transport::Udp(s) => {
                 // recvmmsg: up to 32 datagrams per call, a few calls per wakeup.
                 let mut lens = [0usize; mmsg::MAX_BATCH];
+                let mut segs = [0usize; mmsg::MAX_BATCH];
                 for _ in 0..4 {
-                    match mmsg::recv_batch(s.as_raw_fd(), buf, UDP_SLOT, &mut lens) {
+                    match mmsg::recv_batch_gro(s.as_raw_fd(), buf, UDP_SLOT, &mut lens, &mut segs) {
                         Ok(n) => {
-                            for (slot, &len) in buf.chunks_mut(UDP_SLOT).zip(&lens).take(n) {
+                            for ((slot, &len), &seg) in
+                                buf.chunks_mut(UDP_SLOT).zip(&lens).zip(&segs).take(n)
+                            {
                                 // 0: empty, or longer than a record can be: dropped.
                                 if let Some(r) = slot.get_mut(..len).filter(|r| !r.is_empty()) {
-                                    f(r);
+                                    for rec in mmsg::datagrams(r, seg) {
+                                        f(rec);
+                                    }
                                 }
                             }
                             if n < mmsg::MAX_BATCH {

@@ -19,6 +19,34 @@ pub fn recv_batch(
     slot: usize,
     lens: &mut [usize; MAX_BATCH],
 ) -> Result<usize, Errno> {
+    let mut segs = [0usize; MAX_BATCH];
+    recv_batch_gro(fd, buf, slot, lens, &mut segs)
+}
+
+/// Turns on UDP GRO for `fd`: the kernel may then hand over several datagrams of one
+/// size (the last may be shorter) in one slot; [`recv_batch_gro`] reports their size.
+pub fn enable_gro(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), Errno> {
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::UdpGroSegment, &true)
+}
+
+/// The datagrams of one slot of [`recv_batch_gro`]: the whole slot, or, when the kernel
+/// coalesced several (`seg > 0`), each `seg` bytes (the last may be shorter).
+pub fn datagrams(slot: &mut [u8], seg: usize) -> std::slice::ChunksMut<'_, u8> {
+    let size = if seg == 0 { slot.len().max(1) } else { seg };
+    slot.chunks_mut(size)
+}
+
+/// [`recv_batch`] on a socket with GRO ([`enable_gro`]): `segs[i]` gets the size of
+/// the datagrams coalesced into slot i, or 0 when it holds one datagram.
+pub fn recv_batch_gro(
+    fd: RawFd,
+    buf: &mut [u8],
+    slot: usize,
+    lens: &mut [usize; MAX_BATCH],
+    segs: &mut [usize; MAX_BATCH],
+) -> Result<usize, Errno> {
+    // Control buffers, 8-byte aligned as `cmsghdr` needs (one u16/int option each).
+    let mut cmsg = [[0u64; 4]; MAX_BATCH];
     let slots = (buf.len() / slot.max(1)).min(MAX_BATCH);
     if slots == 0 {
         return Err(Errno::EINVAL);
@@ -34,6 +62,10 @@ pub fn recv_batch(
             h.msg_hdr.msg_iov = v;
             h.msg_hdr.msg_iovlen = 1;
         }
+    }
+    for (h, c) in hdrs.iter_mut().zip(cmsg.iter_mut()).take(slots) {
+        h.msg_hdr.msg_control = c.as_mut_ptr().cast();
+        h.msg_hdr.msg_controllen = std::mem::size_of_val(c);
     }
     let n = loop {
         // SAFETY: `hdrs[..slots]` point at `iov[..slots]`, which point into disjoint
@@ -56,11 +88,36 @@ pub fn recv_batch(
             e => return Err(e),
         }
     };
-    for (h, l) in hdrs.iter().zip(lens.iter_mut()).take(n) {
+    for ((h, l), g) in hdrs
+        .iter()
+        .zip(lens.iter_mut())
+        .zip(segs.iter_mut())
+        .take(n)
+    {
         let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         *l = if truncated { 0 } else { h.msg_len as usize };
+        *g = gro_segment(&h.msg_hdr);
     }
     Ok(n)
+}
+
+/// The `UDP_GRO` segment size in a received message's control data, or 0.
+fn gro_segment(m: &libc::msghdr) -> usize {
+    let mut seg = 0;
+    // SAFETY: the kernel filled `msg_control` up to `msg_controllen` (no more than the
+    // buffer handed in, and MSG_CTRUNC only shortens it); CMSG_FIRSTHDR/CMSG_NXTHDR
+    // stay inside that range and return null at its end.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                seg = usize::try_from(v).unwrap_or(0);
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    seg
 }
 
 /// Sends `records` as datagrams, up to [`MAX_BATCH`] per call, without blocking.
@@ -246,6 +303,8 @@ mod tests {
         }
         let refs: Vec<&[u8]> = recs.iter().map(Vec::as_slice).collect();
         let _ = nix::sys::socket::setsockopt(&b, nix::sys::socket::sockopt::RcvBuf, &(8 << 20));
+        // The receiver with GRO on: coalesced runs must split back into the records.
+        enable_gro(std::os::fd::AsFd::as_fd(&b)).unwrap();
         let mut sent = 0;
         while sent < refs.len() {
             sent += send_batch_gso(a.as_raw_fd(), &refs[sent..]).unwrap();
@@ -254,14 +313,20 @@ mod tests {
             GSO_OK.load(std::sync::atomic::Ordering::Relaxed),
             "the kernel took UDP_SEGMENT on loopback"
         );
-        let mut buf = vec![0u8; MAX_BATCH * 2048];
+        const SLOT: usize = 65_536;
+        let mut buf = vec![0u8; MAX_BATCH * SLOT];
         let mut lens = [0usize; MAX_BATCH];
+        let mut segs = [0usize; MAX_BATCH];
         let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut coalesced = 0;
         for _ in 0..400 {
-            match recv_batch(b.as_raw_fd(), &mut buf, 2048, &mut lens) {
+            match recv_batch_gro(b.as_raw_fd(), &mut buf, SLOT, &mut lens, &mut segs) {
                 Ok(n) => {
-                    for (i, &l) in lens.iter().enumerate().take(n) {
-                        got.push(buf[i * 2048..i * 2048 + l].to_vec());
+                    for ((slot, &l), &seg) in buf.chunks_mut(SLOT).zip(&lens).zip(&segs).take(n) {
+                        coalesced += usize::from(seg > 0 && l > seg);
+                        for d in datagrams(&mut slot[..l], seg) {
+                            got.push(d.to_vec());
+                        }
                     }
                 }
                 Err(Errno::EAGAIN) => {
@@ -274,6 +339,7 @@ mod tests {
             }
         }
         assert_eq!(got.len(), recs.len());
+        assert!(coalesced > 0, "no slot held a coalesced run: GRO untested");
         assert!(
             got.iter().zip(&recs).all(|(g, r)| g == r),
             "order or content"

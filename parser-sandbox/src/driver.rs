@@ -333,6 +333,7 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
         data,
         rbuf: vec![0u8; mmsg::MAX_BATCH * DATAGRAM_SLOT],
         lens: [0; mmsg::MAX_BATCH],
+        segs: [0; mmsg::MAX_BATCH],
         rbatch: PacketBatch::new(LeaseId(0)),
         origin,
         peer_logged: false,
@@ -351,6 +352,8 @@ struct Loop {
     /// Received datagrams, [`DATAGRAM_SLOT`] bytes each (`recvmmsg`).
     rbuf: Vec<u8>,
     lens: [usize; mmsg::MAX_BATCH],
+    /// GRO segment size per slot (0: one datagram).
+    segs: [usize; mmsg::MAX_BATCH],
     rbatch: PacketBatch,
     origin: Instant,
     peer_logged: bool,
@@ -487,13 +490,21 @@ impl Loop {
             let now = self.now();
             match &mut self.transport.decoder {
                 // recvmmsg: up to 32 datagrams per call, DATAGRAM_CALLS calls per burst.
-                None => match mmsg::recv_batch(fd, &mut self.rbuf, DATAGRAM_SLOT, &mut self.lens) {
+                // The broker turned GRO on: a run of records may share a slot.
+                None => match mmsg::recv_batch_gro(
+                    fd,
+                    &mut self.rbuf,
+                    DATAGRAM_SLOT,
+                    &mut self.lens,
+                    &mut self.segs,
+                ) {
                     Ok(n) => {
-                        for (slot, &len) in
-                            self.rbuf.chunks_mut(DATAGRAM_SLOT).zip(&self.lens).take(n)
-                        {
-                            if let Some(rec) = slot.get_mut(..len) {
-                                let _ = core.on_record(rec, now);
+                        let slots = self.rbuf.chunks_mut(DATAGRAM_SLOT);
+                        for ((slot, &len), &seg) in slots.zip(&self.lens).zip(&self.segs).take(n) {
+                            if let Some(r) = slot.get_mut(..len) {
+                                for rec in mmsg::datagrams(r, seg) {
+                                    let _ = core.on_record(rec, now);
+                                }
                             }
                         }
                         if n < mmsg::MAX_BATCH || call + 1 >= DATAGRAM_CALLS {
