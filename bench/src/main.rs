@@ -241,6 +241,28 @@ fn prepare(args: &Args) -> Result<Tools, Error> {
     Ok(Tools { bins, boringtun })
 }
 
+/// The commit of the tree being measured (binaries built from it), `+dirty` when
+/// tracked files have local changes; empty outside a git checkout.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return String::new();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(s) if !s.is_empty() => format!("{head}+dirty"),
+        _ => head,
+    }
+}
+
 fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -374,6 +396,7 @@ fn real_main(args: Args) -> Result<(), Error> {
                 .map_or(0, |d| d.as_secs()),
         ),
         machine: machine(),
+        commit: commit(),
         quick: cfg.quick,
         rounds: cfg.rounds,
         seconds_per_round: cfg.secs,
@@ -420,6 +443,10 @@ fn real_main(args: Args) -> Result<(), Error> {
     for key in &wanted {
         topo::interrupted()?;
         eprintln!("== {key}: setting up");
+        let load1 = read("/proc/loadavg")
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse::<f64>().ok());
         let up = match *key {
             "plain" => scenarios::plain(&topo),
             "wg" => scenarios::boringtun(&topo, &tools),
@@ -440,6 +467,11 @@ fn real_main(args: Args) -> Result<(), Error> {
                 BTreeMap::new()
             }
         };
+        let mut figs = figs;
+        if let Some(l) = load1 {
+            // The machine's load when the scenario began: how far to trust its figures.
+            figs.insert("loadavg_1m_at_start".into(), Figure::of(l));
+        }
         rep.scenarios.insert((*key).to_owned(), figs);
     }
     drop(iperf);
@@ -454,8 +486,13 @@ fn real_main(args: Args) -> Result<(), Error> {
     rep.elapsed_s = started.elapsed().as_secs_f64().round();
     rep.compute_ratios();
     println!(
-        "\nVPN Share end-to-end, {} on {} ({} CPUs, {}), load at start {}{}",
+        "\nVPN Share end-to-end, {} at {} on {} ({} CPUs, {}), load at start {}{}",
         rep.date,
+        if rep.commit.is_empty() {
+            "?"
+        } else {
+            &rep.commit
+        },
         rep.machine.hostname,
         rep.machine.cpus,
         rep.machine.cpu_model,

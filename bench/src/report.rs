@@ -219,6 +219,8 @@ pub struct Ratio {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub date: String,
+    /// `git rev-parse --short HEAD` of the tree measured, `+dirty` with local changes.
+    pub commit: String,
     pub machine: Machine,
     pub quick: bool,
     pub rounds: u32,
