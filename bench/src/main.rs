@@ -375,8 +375,9 @@ fn real_main(args: Args) -> Result<(), Error> {
     } else {
         Vec::new()
     };
-    let tools = prepare(&args)?;
+    // The lock first: a build beside another run's measurement would disturb it.
     let _lock = lock()?;
+    let tools = prepare(&args)?;
     let removed = topo::cleanup_stale();
     if !removed.is_empty() {
         eprintln!("removed stale: {}", removed.join(", "));
