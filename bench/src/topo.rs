@@ -140,9 +140,12 @@ pub fn wg_sock_owner(name: &str) -> Option<u32> {
 /// Removes harness namespaces and boringtun sockets whose run is gone. Returns their
 /// names.
 pub fn cleanup_stale() -> Vec<String> {
+    // A run is alive while its process is, and not a zombie (killed, not yet reaped).
     let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim().starts_with("vpnshare-bench"))
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            let (comm, rest) = st.split_once(") ").unwrap_or_default();
+            comm.contains("(vpnshare-bench") && !rest.starts_with('Z')
+        })
     };
     let mut removed = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/run/netns") {
@@ -150,6 +153,21 @@ pub fn cleanup_stale() -> Vec<String> {
             if name.starts_with(PREFIX) && !owner_pid(&name).is_some_and(alive) {
                 delete_ns(&name);
                 removed.push(name);
+            }
+        }
+    }
+    // Scratch directories of runs that were killed outright (SIGKILL).
+    let tmp = std::env::temp_dir();
+    if let Ok(dir) = std::fs::read_dir(&tmp) {
+        for name in dir.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            let Some(pid) = name
+                .strip_prefix("vsb-")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !alive(pid) && std::fs::remove_dir_all(tmp.join(&name)).is_ok() {
+                removed.push(tmp.join(&name).display().to_string());
             }
         }
     }
