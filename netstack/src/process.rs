@@ -606,7 +606,13 @@ impl Process {
                     Some(dp) => dp,
                     None => return,
                 };
-                if dp.owed.packets > 0 || dp.owed.bytes > 0 {
+                // Only once a quarter of the initial grant is owed: the worker then
+                // still holds three quarters (more than the full batch it needs), and
+                // a request/response exchange does not cost the worker a wake-up for
+                // a credit frame each time.
+                if dp.owed.packets >= INITIAL_CREDIT.packets / 4
+                    || dp.owed.bytes >= INITIAL_CREDIT.bytes / 4
+                {
                     let owed = std::mem::replace(
                         &mut dp.owed,
                         Credit {
