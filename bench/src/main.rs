@@ -867,11 +867,15 @@ fn measure(
         }
     }
     if cfg.wants("udp") {
-        for rate in [100u32, 300] {
-            eprintln!("== {key}: UDP {rate} Mbit/s");
+        for (name, rate, reverse) in [
+            ("udp_100", 100u32, false),
+            ("udp_300", 300, false),
+            ("udp_300_down", 300, true),
+        ] {
+            eprintln!("== {key}: {name}");
             let spec = iperf::IperfSpec {
                 streams: 1,
-                reverse: false,
+                reverse,
                 udp_mbps: Some(rate),
                 seconds: cfg.secs,
             };
@@ -888,8 +892,8 @@ fn measure(
                     Err(e) => err = Some(e),
                 }
             }
-            put_rounds(&mut f, &format!("udp_{rate}_mbps"), got, &err);
-            put_rounds(&mut f, &format!("udp_{rate}_loss"), loss, &err);
+            put_rounds(&mut f, &format!("{name}_mbps"), got, &err);
+            put_rounds(&mut f, &format!("{name}_loss"), loss, &err);
         }
     }
     if cfg.wants("flows") {

@@ -80,6 +80,18 @@ pub const METRICS: &[MetricDef] = &[
         "%",
         Better::Lower,
     ),
+    m(
+        "udp_300_down_mbps",
+        "UDP 300 Mbit/s down: got",
+        "Mbit/s",
+        Better::Higher,
+    ),
+    m(
+        "udp_300_down_loss",
+        "UDP 300 Mbit/s down: loss",
+        "%",
+        Better::Lower,
+    ),
     m("rr_p50_us", "request/response p50", "µs", Better::Lower),
     m("rr_p99_us", "request/response p99", "µs", Better::Lower),
     m(
