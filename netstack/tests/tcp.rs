@@ -421,3 +421,66 @@ fn buffers_grow_under_load_and_shrink_when_idle() {
     let c = h.ns.counters();
     assert_eq!(c.total_drops(), 0, "{c:?}");
 }
+
+/// A lease MTU at the protocol's maximum (the TCP transport's leases use 65,000): the
+/// SYN-ACK's MSS follows it, a bulk echo is correct, and the netstack sends segments far
+/// larger than an Ethernet frame, never larger than the MTU.
+#[test]
+fn the_largest_lease_mtu_carries_big_segments() {
+    let mtu = vshp::lease::MAX_LEASE_MTU;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let join = echo_server(listener);
+    let mut h = Harness::with_mtu(loopback_config(), mtu);
+    h.record = true;
+    let mut sock = tcp_socket(1024 * 1024);
+    sock.connect(
+        h.iface.context(),
+        (IpAddress::from(server.ip()), server.port()),
+        local(server.ip(), 40_021),
+    )
+    .unwrap();
+    let handle = h.sockets.add(sock);
+    const LEN: usize = 4 * 1024 * 1024;
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 31 + i / 509) as u8).collect();
+    let (mut sent, mut received, mut closed) = (0, Vec::with_capacity(LEN), false);
+    h.run_until(9, "bulk echo at the largest MTU", |h| {
+        let s = h.sockets.get_mut::<tcp::Socket>(handle);
+        if s.can_send() && sent < LEN {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if sent == LEN && !closed && s.send_queue() == 0 {
+            s.close();
+            closed = true;
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                received.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        received.len() == LEN && !s.may_recv()
+    });
+    assert_eq!(fnv(&received), fnv(&data));
+    assert_eq!(join.join().unwrap(), LEN);
+    let syn_ack_mss = h.recorded.iter().find_map(|p| {
+        let ip = Ipv4Packet::new_checked(&p[..]).ok()?;
+        let t = TcpPacket::new_checked(ip.payload()).ok()?;
+        (t.syn() && t.ack()).then(|| {
+            TcpRepr::parse(
+                &t,
+                &ip.src_addr().into(),
+                &ip.dst_addr().into(),
+                &smoltcp::phy::ChecksumCapabilities::default(),
+            )
+            .unwrap()
+            .max_seg_size
+        })?
+    });
+    assert_eq!(syn_ack_mss, Some(mtu - 40));
+    let largest = h.recorded.iter().map(Vec::len).max().unwrap();
+    assert!(largest > 9_000, "big segments: largest {largest}");
+    assert!(largest <= usize::from(mtu), "never over the MTU: {largest}");
+    assert_eq!(h.ns.counters().total_drops(), 0);
+}

@@ -55,6 +55,8 @@ pub fn loopback_config() -> Config {
 pub struct LaptopDevice {
     pub rx: VecDeque<Vec<u8>>,
     pub tx: VecDeque<Vec<u8>>,
+    /// The laptop's MTU (`None`: [`MTU`]).
+    pub mtu: Option<u16>,
 }
 
 pub struct Rx(Vec<u8>);
@@ -88,7 +90,7 @@ impl phy::Device for LaptopDevice {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ip;
-        c.max_transmission_unit = usize::from(MTU);
+        c.max_transmission_unit = usize::from(self.mtu.unwrap_or(MTU));
         c
     }
 }
@@ -109,10 +111,19 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(config: Config) -> Self {
+        Self::with_mtu(config, MTU)
+    }
+
+    /// A harness whose lease (and laptop) use `mtu`.
+    pub fn with_mtu(config: Config, mtu: u16) -> Self {
         let mut ns = Netstack::new(config).unwrap();
-        let lease = lease();
+        let mut lease = lease();
+        lease.mtu = mtu;
         ns.add_lease(&lease).unwrap();
-        let mut dev = LaptopDevice::default();
+        let mut dev = LaptopDevice {
+            mtu: Some(mtu),
+            ..LaptopDevice::default()
+        };
         let epoch = Instant::now();
         let mut iface = Interface::new(
             IfaceConfig::new(HardwareAddress::Ip),
