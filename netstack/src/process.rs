@@ -146,7 +146,8 @@ pub struct Args {
 pub const USAGE: &str = "vpnshare-netstack [--resolv-conf PATH] [--max-flows-per-peer N] [--max-flows N]   (fd 3: the broker channel; logs on stderr)";
 
 /// Descriptors kept out of the flow budget: stdio, the broker channel, the epoll
-/// instances, one data channel per lease, the DNS upstream sockets.
+/// instances, one data channel per lease, the DNS upstream sockets (at most a quarter
+/// of a small limit).
 pub const RESERVED_FDS: usize = 1024;
 
 fn count_arg(name: &str, v: Option<String>) -> Result<usize, StartError> {
@@ -252,14 +253,12 @@ pub fn start(args: &Args) -> Result<Started, StartError> {
 }
 
 /// The caps from the command line, the total lowered to what `nofile` descriptors
-/// leave room for (one per flow, [`RESERVED_FDS`] kept for the rest), and the
-/// per-lease TCP cap to the total.
+/// leave room for (one per flow, [`RESERVED_FDS`] — or a quarter of a smaller limit —
+/// kept for the rest), and the per-lease TCP cap to the total.
 pub fn caps_for(args: &Args, nofile: u64) -> crate::Caps {
     let mut caps = crate::Caps::default();
-    let room = usize::try_from(nofile)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(RESERVED_FDS)
-        .max(1);
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    let room = nofile.saturating_sub(RESERVED_FDS.min(nofile / 4)).max(1);
     caps.max_total_flows = args.max_flows.unwrap_or(caps.max_total_flows).min(room);
     caps.max_tcp_flows = args
         .max_flows_per_peer
@@ -1058,6 +1057,9 @@ mod tests {
         let caps = caps_for(&a, 8192);
         assert_eq!(caps.max_total_flows, 8192 - RESERVED_FDS);
         assert_eq!(caps.max_tcp_flows, 8192 - RESERVED_FDS);
+        // A small hard limit keeps three quarters for flows.
+        let caps = caps_for(&args(&[]).unwrap(), 1024);
+        assert_eq!(caps.max_total_flows, 768);
         // Defaults.
         let caps = caps_for(&args(&[]).unwrap(), 65_536);
         assert_eq!(
