@@ -368,7 +368,7 @@ pub static CLIENT_SESSION: &[Syscall] = &[
     ),
     sys!(SYS_connect, "reach the gateway (TCP, connected UDP)"),
     sys!(SYS_bind, "bind the UDP socket"),
-    sys!(SYS_setsockopt, "buffer sizes, TCP_NODELAY"),
+    sys!(SYS_setsockopt, "buffer sizes, TCP_NODELAY, UDP_GRO"),
     sys!(SYS_getsockopt, "SO_ERROR after a non-blocking connect"),
     sys!(SYS_getsockname, "local address"),
     sys!(SYS_getpeername, "gateway address"),
