@@ -24,7 +24,6 @@ use vshp::{ErrorReason, PairingCode, StreamDecoder};
 use crate::ConnectError;
 use crate::core::{ClientCore, Event, Timer};
 use crate::helper::{self, Helper};
-use crate::mmsg;
 use crate::ticket_store::TicketStore;
 
 /// The transport to the gateway.
@@ -226,7 +225,7 @@ impl Transport {
                 );
                 // GRO: a run of the gateway's records can arrive in one slot
                 // (split again in `receive`); without it, one record per slot.
-                let _ = mmsg::enable_gro(s.as_fd());
+                let _ = udp_batch::enable_gro(s.as_fd());
                 s.connect(addr)?;
                 s.set_nonblocking(true)?;
                 Ok(Transport::Udp(s))
@@ -290,7 +289,7 @@ impl Transport {
                         n += 1;
                     }
                 }
-                match mmsg::send_batch_gso(s.as_raw_fd(), recs.get(..n).unwrap_or_default()) {
+                match udp_batch::send_batch_gso(s.as_raw_fd(), recs.get(..n).unwrap_or_default()) {
                     Ok(_)
                     | Err(nix::errno::Errno::EAGAIN)
                     | Err(nix::errno::Errno::ECONNREFUSED) => Ok(()),
@@ -313,22 +312,28 @@ impl Transport {
         match self {
             Transport::Udp(s) => {
                 // recvmmsg: up to 32 datagrams per call, a few calls per wakeup.
-                let mut lens = [0usize; mmsg::MAX_BATCH];
-                let mut segs = [0usize; mmsg::MAX_BATCH];
+                let mut lens = [0usize; udp_batch::MAX_BATCH];
+                let mut segs = [0usize; udp_batch::MAX_BATCH];
                 for _ in 0..4 {
-                    match mmsg::recv_batch_gro(s.as_raw_fd(), buf, UDP_SLOT, &mut lens, &mut segs) {
+                    match udp_batch::recv_batch_gro(
+                        s.as_raw_fd(),
+                        buf,
+                        UDP_SLOT,
+                        &mut lens,
+                        &mut segs,
+                    ) {
                         Ok(n) => {
                             for ((slot, &len), &seg) in
                                 buf.chunks_mut(UDP_SLOT).zip(&lens).zip(&segs).take(n)
                             {
                                 // 0: empty, or longer than a record can be: dropped.
                                 if let Some(r) = slot.get_mut(..len).filter(|r| !r.is_empty()) {
-                                    for rec in mmsg::datagrams(r, seg) {
+                                    for rec in udp_batch::datagrams(r, seg) {
                                         f(rec);
                                     }
                                 }
                             }
-                            if n < mmsg::MAX_BATCH {
+                            if n < udp_batch::MAX_BATCH {
                                 break;
                             }
                         }
@@ -515,7 +520,7 @@ impl Run {
             tun: None,
             lease: None,
             start: Instant::now(),
-            rx: vec![0u8; mmsg::MAX_BATCH * UDP_SLOT],
+            rx: vec![0u8; udp_batch::MAX_BATCH * UDP_SLOT],
             tx: vec![0u8; MAX_RECORD_LEN],
             txq: SendQueue::new(kind == TransportKind::Tcp),
             code: None,

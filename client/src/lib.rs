@@ -12,7 +12,6 @@ pub mod admission_marker;
 pub mod core;
 pub mod driver;
 pub mod helper;
-pub mod mmsg;
 pub mod ticket_store;
 pub mod usb;
 

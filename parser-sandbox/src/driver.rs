@@ -20,7 +20,6 @@ use vshp::record::MAX_RECORD_LEN;
 use vshp::transport::TransportMode;
 
 use crate::core::{CoreConfig, Exit, WorkerCore};
-use crate::mmsg;
 use crate::oracle::{BrokerLink, BrokerOracle};
 use crate::packet_policy::{PacketPolicy, Prefix};
 
@@ -331,9 +330,9 @@ pub fn run(started: Started, args: &Args) -> Result<i32, RunError> {
         link,
         transport,
         data,
-        rbuf: vec![0u8; mmsg::MAX_BATCH * DATAGRAM_SLOT],
-        lens: [0; mmsg::MAX_BATCH],
-        segs: [0; mmsg::MAX_BATCH],
+        rbuf: vec![0u8; udp_batch::MAX_BATCH * DATAGRAM_SLOT],
+        lens: [0; udp_batch::MAX_BATCH],
+        segs: [0; udp_batch::MAX_BATCH],
         rbatch: PacketBatch::new(LeaseId(0)),
         origin,
         peer_logged: false,
@@ -351,9 +350,9 @@ struct Loop {
     data: Option<DataPath>,
     /// Received datagrams, [`DATAGRAM_SLOT`] bytes each (`recvmmsg`).
     rbuf: Vec<u8>,
-    lens: [usize; mmsg::MAX_BATCH],
+    lens: [usize; udp_batch::MAX_BATCH],
     /// GRO segment size per slot (0: one datagram).
-    segs: [usize; mmsg::MAX_BATCH],
+    segs: [usize; udp_batch::MAX_BATCH],
     rbatch: PacketBatch,
     origin: Instant,
     peer_logged: bool,
@@ -491,7 +490,7 @@ impl Loop {
             match &mut self.transport.decoder {
                 // recvmmsg: up to 32 datagrams per call, DATAGRAM_CALLS calls per burst.
                 // The broker turned GRO on: a run of records may share a slot.
-                None => match mmsg::recv_batch_gro(
+                None => match udp_batch::recv_batch_gro(
                     fd,
                     &mut self.rbuf,
                     DATAGRAM_SLOT,
@@ -502,12 +501,12 @@ impl Loop {
                         let slots = self.rbuf.chunks_mut(DATAGRAM_SLOT);
                         for ((slot, &len), &seg) in slots.zip(&self.lens).zip(&self.segs).take(n) {
                             if let Some(r) = slot.get_mut(..len) {
-                                for rec in mmsg::datagrams(r, seg) {
+                                for rec in udp_batch::datagrams(r, seg) {
                                     let _ = core.on_record(rec, now);
                                 }
                             }
                         }
-                        if n < mmsg::MAX_BATCH || call + 1 >= DATAGRAM_CALLS {
+                        if n < udp_batch::MAX_BATCH || call + 1 >= DATAGRAM_CALLS {
                             break;
                         }
                     }
@@ -664,11 +663,11 @@ fn wait_writable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), Errno> {
 }
 
 /// The queued records as datagrams (`sendmmsg`; runs of equal sizes as one UDP GSO
-/// datagram each, [`mmsg::send_batch_gso`]); a full socket buffer waits briefly, then the rest is dropped (UDP may lose it anyway). Returns
+/// datagram each, [`udp_batch::send_batch_gso`]); a full socket buffer waits briefly, then the rest is dropped (UDP may lose it anyway). Returns
 /// how many were not sent.
 fn send_datagrams(fd: BorrowedFd<'_>, q: &crate::core::RecordQueue) -> usize {
     let deadline = Instant::now() + Duration::from_millis(200);
-    let mut recs: [&[u8]; mmsg::MAX_GSO_RECORDS] = [&[]; mmsg::MAX_GSO_RECORDS];
+    let mut recs: [&[u8]; udp_batch::MAX_GSO_RECORDS] = [&[]; udp_batch::MAX_GSO_RECORDS];
     let mut it = q.iter().peekable();
     let mut unsent = 0;
     while it.peek().is_some() {
@@ -679,7 +678,7 @@ fn send_datagrams(fd: BorrowedFd<'_>, q: &crate::core::RecordQueue) -> usize {
         }
         let mut batch = recs.get(..n).unwrap_or_default();
         while !batch.is_empty() {
-            match mmsg::send_batch_gso(fd.as_raw_fd(), batch) {
+            match udp_batch::send_batch_gso(fd.as_raw_fd(), batch) {
                 Ok(k) if k > 0 => batch = batch.get(k..).unwrap_or_default(),
                 Ok(_) | Err(Errno::EAGAIN | Errno::ENOBUFS) => {
                     if wait_writable(fd, deadline).is_err() {

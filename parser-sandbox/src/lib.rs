@@ -16,7 +16,6 @@ pub mod counters;
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod mmsg;
 pub mod oracle;
 pub mod packet_policy;
 

@@ -1,6 +1,7 @@
 //! Batched datagram I/O on a connected UDP socket: `recvmmsg` and `sendmmsg`, so a
 //! burst of records costs one system call instead of one per record
-//! (docs/performance.md). The session's seccomp policy allows both.
+//! (docs/performance.md). Shared by the client session and the parser worker; both
+//! seccomp policies allow `recvmmsg`, `sendmmsg` and the `UDP_GRO` `setsockopt`.
 
 use std::os::fd::RawFd;
 
