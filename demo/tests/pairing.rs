@@ -8,7 +8,6 @@
 mod common;
 use common::{connect_for_pairing, one_error_line, ready, wait_restored};
 
-
 use demo::Stack;
 
 /// The gateway's `--pairing-timeout` in this test: short, so the test does not wait the
