@@ -51,6 +51,36 @@ fn fnv(data: &[u8]) -> u64 {
     })
 }
 
+/// Sends `data` on the client socket, closes it once all is acknowledged, and reads
+/// until the echo server's side closes too; returns what came back.
+fn send_close_and_read_back(
+    h: &mut Harness,
+    handle: smoltcp::iface::SocketHandle,
+    data: &[u8],
+    what: &str,
+) -> Vec<u8> {
+    let (mut sent, mut received, mut closed) = (0, Vec::with_capacity(data.len()), false);
+    h.run_until(9, what, |h| {
+        let s = h.sockets.get_mut::<tcp::Socket>(handle);
+        if s.can_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap();
+        }
+        if sent == data.len() && !closed && s.send_queue() == 0 {
+            s.close();
+            closed = true;
+        }
+        while s.can_recv() {
+            s.recv(|b| {
+                received.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        received.len() == data.len() && !s.may_recv()
+    });
+    received
+}
+
 fn bulk_echo(server_ip: IpAddr) {
     let listener = TcpListener::bind(SocketAddr::new(server_ip, 0)).unwrap();
     let server = listener.local_addr().unwrap();
@@ -67,35 +97,7 @@ fn bulk_echo(server_ip: IpAddr) {
 
     const LEN: usize = 3 * 1024 * 1024;
     let data: Vec<u8> = (0..LEN).map(|i| (i * 7 + i / 251) as u8).collect();
-    let mut sent = 0;
-    let mut received = Vec::with_capacity(LEN);
-    let mut closed = false;
-    h.run_until(9, "bulk echo", |h| {
-        let s = h.sockets.get_mut::<tcp::Socket>(handle);
-        if s.can_send() && sent < LEN {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        if sent == LEN && !closed && s.send_queue() == 0 {
-            s.close();
-            closed = true;
-        }
-        while s.can_recv() {
-            s.recv(|b| {
-                received.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
-        if std::env::var_os("NS_DEBUG").is_some() {
-            eprintln!(
-                "sent {sent} recv {} state {} {:?}",
-                received.len(),
-                s.state(),
-                h.ns.counters()
-            );
-        }
-        received.len() == LEN && !s.may_recv()
-    });
+    let received = send_close_and_read_back(&mut h, handle, &data, "bulk echo");
     assert_eq!(fnv(&received), fnv(&data));
     assert_eq!(join.join().unwrap(), LEN);
     // Both sides closed: the flow goes away.
@@ -443,25 +445,7 @@ fn the_largest_lease_mtu_carries_big_segments() {
     let handle = h.sockets.add(sock);
     const LEN: usize = 4 * 1024 * 1024;
     let data: Vec<u8> = (0..LEN).map(|i| (i * 31 + i / 509) as u8).collect();
-    let (mut sent, mut received, mut closed) = (0, Vec::with_capacity(LEN), false);
-    h.run_until(9, "bulk echo at the largest MTU", |h| {
-        let s = h.sockets.get_mut::<tcp::Socket>(handle);
-        if s.can_send() && sent < LEN {
-            sent += s.send_slice(&data[sent..]).unwrap();
-        }
-        if sent == LEN && !closed && s.send_queue() == 0 {
-            s.close();
-            closed = true;
-        }
-        while s.can_recv() {
-            s.recv(|b| {
-                received.extend_from_slice(b);
-                (b.len(), ())
-            })
-            .unwrap();
-        }
-        received.len() == LEN && !s.may_recv()
-    });
+    let received = send_close_and_read_back(&mut h, handle, &data, "bulk echo at the largest MTU");
     assert_eq!(fnv(&received), fnv(&data));
     assert_eq!(join.join().unwrap(), LEN);
     let syn_ack_mss = h.recorded.iter().find_map(|p| {
