@@ -9,15 +9,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
-use common::{ready, trusted_stack};
+use common::{download_with_pause, ready, trusted_stack};
 
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use demo::{Proc, Stack};
 use nix::sys::signal::Signal;
-use testbed::{Node, client};
+use testbed::Node;
 
 /// Generous: the transfer waits for reconnections (backoff) and TCP retransmissions.
 const T: Duration = Duration::from_secs(240);
@@ -58,7 +57,6 @@ fn download_across(tag: &str, event: impl FnOnce(&mut Ctx<'_>)) -> (String, Stri
     };
     let want_sha = s.tb.file_sha256();
     let want_len = s.tb.file_len();
-    let http = s.tb.http_addr();
     let Stack {
         tb,
         gateway,
@@ -66,36 +64,21 @@ fn download_across(tag: &str, event: impl FnOnce(&mut Ctx<'_>)) -> (String, Stri
         ..
     } = &mut s;
     let tb: &testbed::Testbed = tb;
-    let (started_tx, started_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let result = std::thread::scope(|sc| {
-        let dl = sc.spawn(move || {
-            tb.in_ns(Node::Laptop, move || {
-                let mut paused = false;
-                client::http_get_paced(http, "/file", T, &mut |n| {
-                    if !paused && n >= PAUSE_AT {
-                        paused = true;
-                        let _ = started_tx.send(());
-                        let _ = go_rx.recv_timeout(T);
-                    }
-                })
-            })
-        });
-        let started = started_rx.recv_timeout(T);
-        if started.is_ok() {
-            let mut ctx = Ctx {
-                tb,
-                gateway,
-                client: c,
-                connect: &connect,
-            };
-            event(&mut ctx);
-        }
-        let _ = go_tx.send(());
-        dl.join().unwrap()
+    let (started, result) = download_with_pause(tb, PAUSE_AT, T, || {
+        let mut ctx = Ctx {
+            tb,
+            gateway,
+            client: c,
+            connect: &connect,
+        };
+        event(&mut ctx);
     });
     let client_out = s.client.as_ref().map(Proc::output).unwrap_or_default();
     let gw_out = s.gateway.output();
+    assert!(
+        started,
+        "the download never reached 5 MB\n{client_out}\n{gw_out}"
+    );
     let r = result.unwrap().unwrap_or_else(|e| {
         panic!("download: {e}\n--- client ---\n{client_out}\n--- gateway ---\n{gw_out}")
     });

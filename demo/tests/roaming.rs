@@ -12,16 +12,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
-use common::{ready, trusted_stack};
+use common::{download_with_pause, ready, trusted_stack};
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use demo::{LISTEN_PORT, Proc, Stack};
-use testbed::{Node, client};
+use testbed::Node;
 
 const T: Duration = Duration::from_secs(240);
 const PAUSE_AT: u64 = 5 * 1024 * 1024;
@@ -178,67 +177,39 @@ fn a_nat_rebinding_mid_download_moves_the_session_and_forged_records_do_not() {
     let port = client_port(&s, gw);
     assert_ne!(port, NEW_PORT);
 
-    let http = s.tb.http_addr();
     let want_sha = s.tb.file_sha256();
     let want_len = s.tb.file_len();
-    let (started_tx, started_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let tb = &s.tb;
-    let result = std::thread::scope(|sc| {
-        let dl = sc.spawn(move || {
-            tb.in_ns(Node::Laptop, move || {
-                let mut paused = false;
-                client::http_get_paced(http, "/file", T, &mut |n| {
-                    if !paused && n >= PAUSE_AT {
-                        paused = true;
-                        let _ = started_tx.send(());
-                        let _ = go_rx.recv_timeout(T);
-                    }
-                })
-            })
-        });
-        let started = started_rx.recv_timeout(T).is_ok();
-        let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if !started {
-                return;
-            }
-            // (1) Records from a new address that do not authenticate move nothing: a
-            // replay of a record the gateway already received, and a forged copy.
-            let genuine = capture_answered_record(&s, gw);
-            send_from_new_port(&s, gw, genuine.clone());
-            wait_count(&s.gateway, "roaming probe not authenticated", 1);
-            let mut forged = genuine;
-            let last = forged.len() - 1;
-            forged[last] ^= 0x01;
-            send_from_new_port(&s, gw, forged);
-            wait_count(&s.gateway, "roaming probe not authenticated", 2);
-            assert!(!audit(&s).contains("peer_roamed"), "{}", audit(&s));
+    let (started, r) = download_with_pause(&s.tb, PAUSE_AT, T, || {
+        // (1) Records from a new address that do not authenticate move nothing: a
+        // replay of a record the gateway already received, and a forged copy.
+        let genuine = capture_answered_record(&s, gw);
+        send_from_new_port(&s, gw, genuine.clone());
+        wait_count(&s.gateway, "roaming probe not authenticated", 1);
+        let mut forged = genuine;
+        let last = forged.len() - 1;
+        forged[last] ^= 0x01;
+        send_from_new_port(&s, gw, forged);
+        wait_count(&s.gateway, "roaming probe not authenticated", 2);
+        assert!(!audit(&s).contains("peer_roamed"), "{}", audit(&s));
 
-            // (2) The NAT rebinds: from now on the client's datagrams come from
-            // NEW_PORT, and replies to NEW_PORT are mapped back to the client's socket.
-            let gw_ip = gw.ip();
-            let rules = format!(
-                "table ip vshp_rebind {{\n\
-                 chain out {{ type filter hook output priority raw; policy accept;\n\
-                   ip daddr {gw_ip} udp dport {LISTEN_PORT} udp sport {port} notrack udp sport set {NEW_PORT}\n\
-                 }}\n\
-                 chain in {{ type filter hook prerouting priority raw; policy accept;\n\
-                   ip saddr {gw_ip} udp sport {LISTEN_PORT} udp dport {NEW_PORT} notrack udp dport set {port}\n\
-                 }}\n\
-                 }}\n"
-            );
-            let file = s.laptop_dir.join("rebind.nft");
-            std::fs::write(&file, rules).unwrap();
-            run_in_laptop(&s, Command::new("nft").arg("-f").arg(&file));
-            // The download resumes while the session moves.
-        }));
-        let _ = go_tx.send(());
-        if let Err(p) = event {
-            std::panic::resume_unwind(p);
-        }
-        (started, dl.join().unwrap())
+        // (2) The NAT rebinds: from now on the client's datagrams come from
+        // NEW_PORT, and replies to NEW_PORT are mapped back to the client's socket.
+        let gw_ip = gw.ip();
+        let rules = format!(
+            "table ip vshp_rebind {{\n\
+             chain out {{ type filter hook output priority raw; policy accept;\n\
+               ip daddr {gw_ip} udp dport {LISTEN_PORT} udp sport {port} notrack udp sport set {NEW_PORT}\n\
+             }}\n\
+             chain in {{ type filter hook prerouting priority raw; policy accept;\n\
+               ip saddr {gw_ip} udp sport {LISTEN_PORT} udp dport {NEW_PORT} notrack udp dport set {port}\n\
+             }}\n\
+             }}\n"
+        );
+        let file = s.laptop_dir.join("rebind.nft");
+        std::fs::write(&file, rules).unwrap();
+        run_in_laptop(&s, Command::new("nft").arg("-f").arg(&file));
+        // The download resumes while the session moves.
     });
-    let (started, r) = result;
     let client_out = s.client.as_ref().map(Proc::output).unwrap_or_default();
     let gw_out = s.gateway.output();
     assert!(

@@ -101,3 +101,47 @@ pub fn connect_for_pairing(s: &mut Stack) -> String {
         .unwrap_or_else(|e| panic!("{e}\n{}", c.output()));
     pairing_code(&line)
 }
+
+/// The testbed's `/file`, downloaded in the laptop with a pause once `pause_at` bytes
+/// arrived, during which `during` runs (what the download must survive); then the
+/// download finishes. Returns whether the pause was reached and the download's result.
+/// A panic in `during` is raised again once the download was let go.
+pub fn download_with_pause(
+    tb: &testbed::Testbed,
+    pause_at: u64,
+    timeout: Duration,
+    during: impl FnOnce(),
+) -> (
+    bool,
+    Result<Result<testbed::client::HttpResponse, testbed::client::ClientError>, testbed::Error>,
+) {
+    let http = tb.http_addr();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|sc| {
+        let dl = sc.spawn(move || {
+            tb.in_ns(testbed::Node::Laptop, move || {
+                let mut paused = false;
+                testbed::client::http_get_paced(http, "/file", timeout, &mut |n| {
+                    if !paused && n >= pause_at {
+                        paused = true;
+                        let _ = started_tx.send(());
+                        let _ = go_rx.recv_timeout(timeout);
+                    }
+                })
+            })
+        });
+        let started = started_rx.recv_timeout(timeout).is_ok();
+        let event = if started {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(during))
+        } else {
+            Ok(())
+        };
+        let _ = go_tx.send(());
+        let result = dl.join().unwrap();
+        if let Err(p) = event {
+            std::panic::resume_unwind(p);
+        }
+        (started, result)
+    })
+}
