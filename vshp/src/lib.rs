@@ -16,6 +16,7 @@ pub mod record;
 pub mod replay;
 pub mod ticket;
 pub mod transport;
+pub mod x25519;
 
 pub use framing::{FramingError, StreamDecoder};
 pub use handshake::{Established, HandshakeError, Initiator, Responder};
