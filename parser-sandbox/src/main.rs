@@ -4,16 +4,7 @@
 use parser_sandbox::driver::{self, Args, exit_code};
 
 fn main() {
-    // Read RUST_LOG now: `confine` clears the environment. Logs go to stderr with UTC
-    // timestamps (local time would open /etc/localtime, which the sandbox forbids).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    security::logging::init();
     let span = tracing::info_span!("worker", pid = std::process::id());
     let _enter = span.enter();
     let args = match Args::parse(std::env::args().skip(1)) {

@@ -18,6 +18,7 @@
 //! ```
 
 mod fsview;
+pub mod logging;
 pub mod policy;
 mod seccomp;
 
