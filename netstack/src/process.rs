@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -331,29 +331,24 @@ enum BrokerOutcome {
 impl Process {
     fn run(&mut self) -> Result<i32, RunError> {
         let mut events = Events::with_capacity(256);
-        let mut busy = true;
         loop {
             let next = self.ns.poll(Instant::now());
-            let moved = self.pump_all();
-            let timeout = if busy || moved {
+            self.pump_all();
+            // Every wake-up costs a request/response exchange latency, so sleep as soon
+            // as nothing is runnable: what is left waits for an event (worker credit,
+            // socket space) or a timer. The netstack's epoll descriptor is registered
+            // edge-triggered; `has_work` also covers events its own bounded
+            // `epoll_wait` left behind, which would raise no new edge.
+            let timeout = if self.ns.has_work() {
                 Some(Duration::ZERO)
             } else {
                 next.map(|t| t.saturating_duration_since(Instant::now()))
-            };
-            // The netstack's epoll descriptor is registered edge-triggered here; events
-            // it still holds after its own bounded epoll_wait would not trigger a new
-            // edge, so look before sleeping.
-            let timeout = if timeout != Some(Duration::ZERO) && self.inner_ready() {
-                Some(Duration::ZERO)
-            } else {
-                timeout
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(RunError::Poll(e)),
             }
-            busy = false;
             for ev in events.iter() {
                 match ev.token() {
                     TOKEN_NETSTACK => {}
@@ -361,7 +356,6 @@ impl Process {
                         if let BrokerOutcome::Shutdown = self.on_broker()? {
                             return Ok(exit_code::OK);
                         }
-                        busy = true;
                     }
                     t => {
                         let Some(&lease) = self.tokens.get(&t) else {
@@ -369,7 +363,6 @@ impl Process {
                         };
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.on_data_readable(lease);
-                            busy = true;
                         }
                         if ev.is_writable() || ev.is_error() {
                             self.flush(lease);
@@ -378,14 +371,6 @@ impl Process {
                 }
             }
         }
-    }
-
-    /// Whether the netstack's epoll descriptor holds events (a zero-timeout poll).
-    fn inner_ready(&self) -> bool {
-        // SAFETY: the netstack (and its epoll descriptor) outlives this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.ns.as_raw_fd()) };
-        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
     // ----- the broker channel -----
@@ -648,6 +633,7 @@ impl Process {
     }
 
     /// Writes what a lease's send buffer holds; on a dead socket drops the lease.
+    /// Asks for writability while bytes are left, and stops asking once they are sent.
     fn flush(&mut self, id: LeaseId) {
         let Some(dp) = self.leases.get_mut(&id) else {
             return;
@@ -655,12 +641,34 @@ impl Process {
         if let Err(e) = dp.flush() {
             tracing::info!(lease = id.0, error = %e, "worker gone (send failed)");
             self.close_channel(id);
+            return;
+        }
+        let want = dp.pending_send() > 0;
+        if want == dp.write_armed {
+            return;
+        }
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let raw = dp.sock.as_raw_fd();
+        match self
+            .poll
+            .registry()
+            .reregister(&mut SourceFd(&raw), dp.token, interest)
+        {
+            Ok(()) => dp.write_armed = want,
+            Err(e) => {
+                tracing::warn!(lease = id.0, error = %e, "data channel: epoll failed");
+                self.close_channel(id);
+            }
         }
     }
 
-    /// Moves the netstack's output to the workers, within their credit. Returns
-    /// whether anything was drained (then the netstack has room and is polled again).
-    fn pump_all(&mut self) -> bool {
+    /// Moves the netstack's output to the workers, within their credit. Draining makes
+    /// room for flows that waited for it (`Netstack::has_work` then says so).
+    fn pump_all(&mut self) {
         let mut ids = std::mem::take(&mut self.scratch_ids);
         ids.clear();
         ids.extend(self.ns.leases_with_output());
@@ -672,22 +680,19 @@ impl Process {
         );
         ids.sort_unstable();
         ids.dedup();
-        let mut moved = false;
         for &id in &ids {
-            moved |= self.pump(id);
+            self.pump(id);
         }
         self.scratch_ids = ids;
-        moved
     }
 
-    fn pump(&mut self, id: LeaseId) -> bool {
+    fn pump(&mut self, id: LeaseId) {
         let Some(dp) = self.leases.get_mut(&id) else {
-            return false;
+            return;
         };
         if !dp.hello_done {
-            return false;
+            return;
         }
-        let mut drained = false;
         loop {
             if dp.pending_send() > SEND_HIGH_WATER {
                 break;
@@ -698,7 +703,6 @@ impl Process {
                 if self.ns.drain_outbound(id, &mut dp.staged, DRAIN_BYTES) == 0 {
                     break;
                 }
-                drained = true;
             }
             self.tx_batch.clear();
             self.tx_batch.set_lease(id);
@@ -729,7 +733,6 @@ impl Process {
             self.stats.bytes_out += u64::from(bytes);
         }
         self.flush(id);
-        drained
     }
 }
 
@@ -793,6 +796,9 @@ struct DataPath {
     /// Drained from the netstack, not yet all sent.
     staged: DrainBatch,
     staged_pos: usize,
+    /// Whether EPOLLOUT is in the socket's interest set (only while `wbuf` holds
+    /// unsent bytes).
+    write_armed: bool,
 }
 
 impl DataPath {
@@ -803,11 +809,11 @@ impl DataPath {
         let sock = UnixStream::from(fd);
         sock.set_nonblocking(true)?;
         let raw = sock.as_raw_fd();
-        poll.registry().register(
-            &mut SourceFd(&raw),
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        // Readable only: with EPOLLOUT in the interest set every batch the worker
+        // reads would wake this loop (the unix socket reports write space on each
+        // dequeue). Writability is asked for only while a send is pending (`Process::flush`).
+        poll.registry()
+            .register(&mut SourceFd(&raw), token, Interest::READABLE)?;
         let mut dp = Self {
             sock,
             token,
@@ -828,6 +834,7 @@ impl DataPath {
             },
             staged: DrainBatch::new(),
             staged_pos: 0,
+            write_armed: false,
         };
         let hello = Hello::new(ChannelKind::WorkerNetstack, ipc_schema::Role::Netstack);
         dp.queue_frame(&hello, SMALL_BODY)
@@ -835,6 +842,14 @@ impl DataPath {
         dp.queue(&DataMsgRef::Credit(INITIAL_CREDIT))
             .map_err(io::Error::other)?;
         dp.flush().map_err(io::Error::from)?;
+        if dp.pending_send() > 0 {
+            poll.registry().reregister(
+                &mut SourceFd(&raw),
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            dp.write_armed = true;
+        }
         Ok(dp)
     }
 

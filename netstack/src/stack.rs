@@ -332,6 +332,8 @@ pub struct Netstack {
     poll: mio::Poll,
     events: mio::Events,
     events_pending: bool,
+    /// The last `epoll_wait` filled the event buffer: more may be waiting.
+    events_left: bool,
     epoch: Instant,
     peers: IdMap<LeaseId, Peer>,
     flows: FlowTable<Flow>,
@@ -387,6 +389,7 @@ impl Netstack {
             poll: mio::Poll::new()?,
             events: mio::Events::with_capacity(EVENTS),
             events_pending: false,
+            events_left: false,
             epoch: Instant::now(),
             peers: IdMap::default(),
             flows: FlowTable::default(),
@@ -1478,12 +1481,15 @@ impl Netstack {
             self.collect_events();
             self.handle_ready(now);
         }
+        self.events_left = false;
         if self
             .poll
             .poll(&mut self.events, Some(Duration::ZERO))
             .is_ok()
         {
             self.collect_events();
+            // A full buffer may have left events behind.
+            self.events_left = self.ready.len() >= EVENTS;
             self.handle_ready(now);
         }
         let smol_now = self.smol(now);
@@ -1506,7 +1512,7 @@ impl Netstack {
                 self.next_sweep = Some(now + SWEEP_INTERVAL);
             }
         }
-        if self.flows.has_runnable() {
+        if self.has_work() {
             return Some(now);
         }
         let next = self.flows.next_timer().map(|t| t.max(now));
@@ -1514,6 +1520,13 @@ impl Netstack {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether [`poll`](Self::poll) has work at once: runnable flows (new packets,
+    /// room after [`drain_outbound`](Self::drain_outbound)) or OS socket events its
+    /// last `epoll_wait` could not take. An event loop sleeps only when this is false.
+    pub fn has_work(&self) -> bool {
+        self.flows.has_runnable() || self.events_left
     }
 
     fn collect_events(&mut self) {

@@ -87,7 +87,16 @@ fn lease(id: u64) -> Lease {
 
 /// Sends `LeaseAdded` with a fresh data channel; returns the worker's end, opened.
 fn add_lease(p: &mut Proc, lease: &Lease) -> Worker {
+    add_lease_with_sndbuf(p, lease, None)
+}
+
+/// [`add_lease`], with the netstack's end of the channel given this send buffer.
+fn add_lease_with_sndbuf(p: &mut Proc, lease: &Lease, sndbuf: Option<usize>) -> Worker {
     let (worker_end, netstack_end) = UnixStream::pair().unwrap();
+    if let Some(size) = sndbuf {
+        nix::sys::socket::setsockopt(&netstack_end, nix::sys::socket::sockopt::SndBuf, &size)
+            .unwrap();
+    }
     p.broker
         .send(
             &BrokerToNetstack::LeaseAdded {
@@ -813,6 +822,80 @@ fn a_worker_that_stops_reading_does_not_stall_the_others() {
         NetstackToBroker::Counters(c) => assert!(c.packets_out > 0, "{c:?}"),
         other => panic!("expected counters, got {other:?}"),
     }
+    assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
+}
+
+/// The netstack asks for the data channel's writability only while it holds unsent
+/// bytes (a standing EPOLLOUT interest would wake it on every batch the worker reads).
+/// Here nothing but that writability can make it send again: the flood has stopped and
+/// the worker reads without sending a byte, so what the netstack held back must still
+/// arrive.
+#[test]
+fn what_waited_for_channel_space_is_sent_once_the_worker_reads() {
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let l = lease(22);
+    // A small channel buffer, so that the netstack holds several buffers' worth.
+    let mut w = add_lease_with_sndbuf(&mut p, &l, Some(16 * 1024));
+    let mut laptop = Laptop::new();
+    let flood = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    flood
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let flood_addr = flood.local_addr().unwrap();
+    let flooder = thread::spawn(move || {
+        let mut b = [0u8; 1500];
+        let (_, mapping) = flood.recv_from(&mut b).unwrap();
+        let payload = [0x5au8; 1000];
+        // 4 MB, far more than the channel's socket buffer holds.
+        for _ in 0..64 {
+            for _ in 0..64 {
+                let _ = flood.send_to(&payload, mapping);
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let _ = udp_request(&mut laptop, &mut w, 7002, flood_addr, b"open", 1);
+    w.ch.send_credit(Credit {
+        packets: u32::MAX / 2,
+        bytes: u32::MAX / 2,
+    })
+    .unwrap();
+    flooder.join().unwrap();
+    // Quiet: the flood is over and the netstack has written what the socket takes.
+    thread::sleep(Duration::from_millis(500));
+    let mut peek = vec![0u8; 8 << 20];
+    let queued = nix::sys::socket::recv(
+        w.ch.as_fd().as_raw_fd(),
+        &mut peek,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .unwrap_or(0);
+    assert!(queued > 8 * 1024, "only {queued} bytes wait in the channel");
+
+    // Read, sending nothing back, until the netstack has been silent for 300 ms or for
+    // two seconds at most. With writability it sends all it holds (several times the
+    // channel's buffer) at once; without, only other wake-ups (timers, the sweep) would
+    // flush it, a buffer's worth at a time.
+    let mut got = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let ms = u16::try_from(left.as_millis().min(300)).unwrap_or(300);
+        let mut fds = [PollFd::new(w.ch.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
+            break;
+        }
+        if let DataEvent::Packets = w.ch.recv_data(&mut w.rx).unwrap() {
+            got += w.rx.total_bytes();
+        }
+    }
+    assert!(
+        got > 12 * queued,
+        "the worker got {got} bytes, not much more than the {queued} the channel held: \
+         the netstack did not resume writing when the channel had room"
+    );
     assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
 }
 
