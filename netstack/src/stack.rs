@@ -784,17 +784,18 @@ impl Netstack {
     }
 
     /// The OS connect of flow `id` finished (or an event arrived while connecting).
-    fn tcp_connect_event(&mut self, id: FlowId, now: Instant) {
+    /// On Linux a connecting TCP socket reports writability only once it is connected
+    /// (`tcp_poll` in SYN_SENT) and a failure through `SO_ERROR`, so a writable event
+    /// without an error is the connection: one syscall per connection, not two
+    /// (`getpeername` confirmed it before).
+    fn tcp_connect_event(&mut self, id: FlowId, writable: bool, now: Instant) {
         let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
             return;
         };
         let result = match flow.stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
-            Ok(None) => match flow.stream.peer_addr() {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(e) => Err(e),
-            },
+            Ok(None) if writable => Ok(()),
+            Ok(None) => return,
         };
         let TcpState::Connecting { syn, .. } = &mut flow.state else {
             return;
@@ -1551,7 +1552,7 @@ impl Netstack {
             match self.flows.get_mut(id) {
                 Some(Flow::Tcp(f)) => {
                     if matches!(f.state, TcpState::Connecting { .. }) {
-                        self.tcp_connect_event(id, now);
+                        self.tcp_connect_event(id, writable, now);
                         continue;
                     }
                     f.relay.readable |= readable;
