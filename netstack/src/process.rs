@@ -694,7 +694,12 @@ impl Process {
             return;
         }
         loop {
-            if dp.pending_send() > SEND_HIGH_WATER {
+            // Enough queued: write it, and go on only if the socket took it all. A
+            // stop with the socket still accepting would leave the rest waiting for
+            // an event that may never come (writability is asked for only while
+            // bytes are left; `Process::flush`).
+            if dp.pending_send() > SEND_HIGH_WATER && (dp.flush().is_err() || dp.pending_send() > 0)
+            {
                 break;
             }
             if dp.staged_left() == 0 {

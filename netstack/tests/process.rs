@@ -899,6 +899,82 @@ fn what_waited_for_channel_space_is_sent_once_the_worker_reads() {
     assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
 }
 
+/// More output than the netstack queues on a data channel in one round (a burst from
+/// the internet that piled up while it was stopped), with room in the channel: all of
+/// it must go out at once. No later event prompts the rest: the server is silent after
+/// its burst and the worker sends nothing.
+#[test]
+fn a_burst_larger_than_one_send_round_goes_out_whole() {
+    use nix::sys::signal::{Signal, kill};
+    let mut p = spawn();
+    p.broker
+        .send(&BrokerToNetstack::Egress(EgressState::Any), &[])
+        .unwrap();
+    let l = lease(23);
+    let mut w = add_lease(&mut p, &l);
+    let mut laptop = Laptop::new();
+    w.ch.send_credit(Credit {
+        packets: u32::MAX / 2,
+        bytes: u32::MAX / 2,
+    })
+    .unwrap();
+    // Two servers, two mappings: one socket buffer holds ~90 such datagrams, and the
+    // burst must be several send rounds' worth (~200 KB).
+    const DATAGRAMS: usize = 80;
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+    let mut senders = Vec::new();
+    for port in [7003u16, 7004] {
+        let server = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let go = go_rx.clone();
+        senders.push(thread::spawn(move || {
+            let mut b = [0u8; 1500];
+            let (_, mapping) = server.recv_from(&mut b).unwrap();
+            go.lock().unwrap().recv().unwrap();
+            let payload = [0x5au8; 1200];
+            for _ in 0..DATAGRAMS {
+                server.send_to(&payload, mapping).unwrap();
+            }
+        }));
+        // Opens the mapping; nothing answers yet.
+        assert!(udp_request(&mut laptop, &mut w, port, addr, b"open", 1).is_none());
+    }
+    // The bursts wait in the netstack's sockets until it runs again, so one round
+    // sees all of them.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(p.child.id()).unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    for _ in &senders {
+        go_tx.send(()).unwrap();
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    let mut got = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let ms = u16::try_from(left.as_millis().min(300)).unwrap_or(300);
+        let mut fds = [PollFd::new(w.ch.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
+            break;
+        }
+        if let DataEvent::Packets = w.ch.recv_data(&mut w.rx).unwrap() {
+            got += w.rx.len();
+        }
+    }
+    eprintln!("got {got} datagrams");
+    assert!(
+        got >= 2 * DATAGRAMS,
+        "{got} of {} datagrams reached the worker",
+        2 * DATAGRAMS
+    );
+    assert!(p.child.try_wait().unwrap().is_none(), "the netstack died");
+}
+
 #[test]
 fn a_worker_that_sends_beyond_its_credit_loses_its_lease() {
     let mut p = spawn();
