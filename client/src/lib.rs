@@ -6,6 +6,9 @@
 //!   the helper passes, signals, reconnection with backoff;
 //! - [`helper`]: the helper's socket, or the helper started by a root `connect`, and the
 //!   privilege drop before confinement;
+//! - [`tun_offload`]: the TUN's virtio-net super-packets split into MTU-sized packets,
+//!   and the gateway's packets coalesced into super-packets (when the helper opened
+//!   the TUN with offload);
 //! - [`usb`]: the stream-transport interface and the USB accessory transport (AOA).
 
 pub mod admission_marker;
@@ -13,6 +16,7 @@ pub mod core;
 pub mod driver;
 pub mod helper;
 pub mod ticket_store;
+pub mod tun_offload;
 pub mod usb;
 
 use std::path::PathBuf;
