@@ -341,11 +341,21 @@ fn opens_a_working_tun_with_addresses_mtu_routes_dns_and_tears_down() {
     }
 
     let (reply, fds) = call(&mut ch, &open_tun_msg("100.64.0.2", 24));
-    let HelperToSession::TunOpened { ifname, ifindex } = reply else {
+    let HelperToSession::TunOpened {
+        ifname,
+        ifindex,
+        vnet_hdr,
+    } = reply
+    else {
         panic!("{reply:?}")
     };
     let ifname = ifname.as_str().to_owned();
     assert!(ifindex > 0);
+    // Offload is on (every kernel this runs on has IFF_VNET_HDR and TSO for TUN), and
+    // the kernel agrees with what the helper told the session.
+    assert!(vnet_hdr, "the helper fell back to a plain TUN");
+    let details = ns.ip(&["-d", "link", "show", "dev", &ifname]);
+    assert!(details.contains("vnet_hdr on"), "{details}");
     let link = ns.ip(&["addr", "show", "dev", &ifname]);
     for want in [
         "mtu 1400",
@@ -358,7 +368,11 @@ fn opens_a_working_tun_with_addresses_mtu_routes_dns_and_tears_down() {
     // The descriptor works: a packet written into it arrives on the interface.
     let rx = rx_packets(&ns, &ifname);
     let mut tun = fs::File::from(fds.into_iter().next().unwrap());
-    tun.write_all(&ipv4_udp_packet()).unwrap();
+    // With IFF_VNET_HDR every write starts with a virtio-net header (all zero: one
+    // plain packet, GSO_NONE, checksum complete).
+    let mut framed = vec![0u8; 10];
+    framed.extend_from_slice(&ipv4_udp_packet());
+    tun.write_all(&framed).unwrap();
     assert_eq!(rx_packets(&ns, &ifname), rx + 1);
 
     // An off-link gateway: the host route keeps its next hop.

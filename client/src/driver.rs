@@ -5,7 +5,10 @@
 //! privileges dropped to `nobody` or `--user`), the transport socket, then
 //! `confine(ClientSession)`. The gateway's first byte is read only after that. The TUN
 //! descriptor arrives later over the helper channel (`recvmsg` is allowed) and is used
-//! with plain `read`/`write`: no TUN ioctl is needed in the session.
+//! with plain `read`/`write`: no TUN ioctl is needed in the session. When the helper
+//! opened it with offload (`TunOpened { vnet_hdr: true }`), each read is one virtio-net
+//! super-packet split into MTU-sized packets, and each receive burst from the gateway is
+//! coalesced before it is written ([`crate::tun_offload`]).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
@@ -25,6 +28,7 @@ use crate::ConnectError;
 use crate::core::{ClientCore, Event, Timer};
 use crate::helper::{self, Helper};
 use crate::ticket_store::TicketStore;
+use crate::tun_offload::{Coalescer, Splitter};
 
 /// The transport to the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,6 +410,13 @@ impl SendQueue {
         self.buf.len().saturating_sub(self.len + self.prefix())
     }
 
+    /// The next record might not fit, or a datagram burst is as long as one send takes
+    /// (`Transport::send_queue` sends at most `TUN_BATCH` records; with offload one burst
+    /// can seal more).
+    fn is_full(&self) -> bool {
+        self.room() < MAX_RECORD_LEN || self.records.len() >= TUN_BATCH
+    }
+
     /// Where the next record is to be sealed.
     fn spare(&mut self) -> &mut [u8] {
         let at = self.len + self.prefix();
@@ -458,12 +469,126 @@ fn write_all_nb(stream: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> 
 struct Tun {
     fd: OwnedFd,
     name: String,
+    /// Without offload: `TUN_BATCH` slots of `slot` bytes, one packet per read.
     buf: Vec<u8>,
     slot: usize,
+    /// With offload (the helper set `IFF_VNET_HDR`): every read and write carries a
+    /// virtio-net header.
+    offload: Option<Offload>,
+}
+
+/// The two directions of an offload TUN.
+#[derive(Debug)]
+struct Offload {
+    split: Splitter,
+    gro: Coalescer,
+}
+
+impl Tun {
+    fn new(fd: OwnedFd, name: String, mtu: u16, vnet_hdr: bool) -> Self {
+        let slot = usize::from(mtu) + 64;
+        let offload = vnet_hdr.then(|| Offload {
+            split: Splitter::new(mtu),
+            gro: Coalescer::new(),
+        });
+        Self {
+            fd,
+            name,
+            buf: if vnet_hdr {
+                Vec::new()
+            } else {
+                vec![0u8; slot * TUN_BATCH]
+            },
+            slot,
+            offload,
+        }
+    }
+
+    /// The lease MTU changed: the read buffers follow it.
+    fn set_mtu(&mut self, mtu: u16) {
+        let slot = usize::from(mtu) + 64;
+        if slot == self.slot {
+            return;
+        }
+        self.slot = slot;
+        match &mut self.offload {
+            Some(o) => o.split.set_mtu(mtu),
+            None => self.buf = vec![0u8; slot * TUN_BATCH],
+        }
+    }
+
+    /// One packet from the gateway for the TUN: written at once, or (offload) gathered
+    /// into the burst that [`Tun::flush`] coalesces and writes.
+    fn put(&mut self, packet: &[u8], write_errors: &mut u64) {
+        let Some(o) = self.offload.as_mut() else {
+            if nix::unistd::write(&self.fd, packet).is_err() {
+                *write_errors += 1;
+            }
+            return;
+        };
+        if o.gro.is_full() {
+            flush_gro(&self.fd, &mut o.gro, write_errors);
+        }
+        if !o.gro.push(packet) {
+            *write_errors += 1;
+        }
+    }
+
+    /// Writes what [`Tun::put`] gathered (offload; nothing to do otherwise).
+    fn flush(&mut self, write_errors: &mut u64) {
+        if let Some(o) = self.offload.as_mut() {
+            flush_gro(&self.fd, &mut o.gro, write_errors);
+        }
+    }
+}
+
+fn flush_gro(fd: &OwnedFd, gro: &mut Coalescer, write_errors: &mut u64) {
+    if gro.is_empty() {
+        return;
+    }
+    let r = gro.flush(|buf| {
+        if nix::unistd::write(fd, buf).is_err() {
+            *write_errors += 1;
+        }
+    });
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "packets from the gateway dropped");
+    }
+}
+
+/// Seals `packets` into `q` back to back (framed on a stream), handing `q` to the
+/// transport whenever it is full; the caller sends what is left.
+fn seal_into(
+    core: &mut ClientCore,
+    q: &mut SendQueue,
+    transport: &mut Option<Transport>,
+    packets: &[&[u8]],
+    now: Duration,
+) -> Result<(), ConnectError> {
+    let mut at = 0;
+    while at < packets.len() {
+        if q.is_full() {
+            if let Some(t) = transport.as_mut() {
+                t.send_queue(q);
+            }
+            q.clear();
+        }
+        let rest = packets.get(at..).unwrap_or_default();
+        let (len, took) = core.seal_packets(rest, now, q.spare())?;
+        q.commit(len);
+        if took == 0 {
+            break;
+        }
+        at += took;
+    }
+    Ok(())
 }
 
 /// Packets read from the TUN per batch.
 const TUN_BATCH: usize = 64;
+/// With offload: packets (after splitting) sealed per wake-up before the loop looks at
+/// the transport again. One super-packet is up to ~48 packets at MTU 1,400.
+const OFFLOAD_READ_BUDGET: usize = 4 * TUN_BATCH;
 /// One received datagram's room: any record fits.
 const UDP_SLOT: usize = MAX_RECORD_LEN + 1;
 /// Receive and send buffer asked for on the UDP transport socket.
@@ -673,7 +798,7 @@ impl Run {
             return Ok(());
         };
         let core = &mut self.core;
-        let tun = &self.tun;
+        let tun = &mut self.tun;
         let tun_write_errors = &mut self.tun_write_errors;
         let mut core_err = None;
         let r = transport.receive(&mut self.rx, &mut |rec| {
@@ -682,10 +807,8 @@ impl Run {
                 Event::Config(lease) => seen.config = Some(lease),
                 Event::ConfigDelta(d) => seen.deltas.push(d),
                 Event::Packet(p) => {
-                    if let Some(tun) = tun {
-                        if nix::unistd::write(&tun.fd, p).is_err() {
-                            *tun_write_errors += 1;
-                        }
+                    if let Some(tun) = tun.as_mut() {
+                        tun.put(p, tun_write_errors);
                     }
                 }
                 Event::Refused { reason, detail } => {
@@ -699,6 +822,10 @@ impl Run {
                 core_err = Some(e);
             }
         });
+        // The burst's packets, coalesced (offload), before anything may replace the TUN.
+        if let Some(tun) = self.tun.as_mut() {
+            tun.flush(&mut self.tun_write_errors);
+        }
         if let Some(e) = core_err {
             return Err(e.into());
         }
@@ -846,11 +973,7 @@ impl Run {
             helper.apply_delta(old, &new, self.addr.ip())?;
         }
         if let Some(tun) = self.tun.as_mut() {
-            let slot = usize::from(new.mtu) + 64;
-            if slot != tun.slot {
-                tun.slot = slot;
-                tun.buf = vec![0u8; slot * TUN_BATCH];
-            }
+            tun.set_mtu(new.mtu);
         }
         let dns: Vec<String> = new.dns.iter().map(IpAddr::to_string).collect();
         println!(
@@ -894,10 +1017,14 @@ impl Run {
             tracing::info!("the lease changed: a new TUN");
             helper.tear_down()?;
         }
-        let (fd, name) = helper.open_tun(&lease)?;
+        let (fd, name, vnet_hdr) = helper.open_tun(&lease)?;
         set_nonblocking(&fd)?;
         helper.configure(&lease, self.addr.ip())?;
-        let slot = usize::from(lease.mtu) + 64;
+        if vnet_hdr {
+            tracing::info!(ifname = %name, "TUN offload on: GSO super-packets split, bursts coalesced");
+        } else {
+            tracing::info!(ifname = %name, "TUN offload off: one packet per read and write");
+        }
         let v6 = lease
             .ipv6
             .map(|p| format!(", {}/{}", p.addr, p.len))
@@ -915,12 +1042,7 @@ impl Run {
             self.code.map(|c| c.to_string()).unwrap_or_default(),
         );
         let _ = std::io::stdout().flush();
-        self.tun = Some(Tun {
-            fd,
-            name,
-            buf: vec![0u8; slot * TUN_BATCH],
-            slot,
-        });
+        self.tun = Some(Tun::new(fd, name, lease.mtu, vnet_hdr));
         self.lease = Some(lease);
         self.ever_configured = true;
         if let Some(m) = self.admission_marker.take()
@@ -932,6 +1054,9 @@ impl Run {
     }
 
     fn read_tun(&mut self) -> Result<(), ConnectError> {
+        if self.tun.as_ref().is_some_and(|t| t.offload.is_some()) {
+            return self.read_tun_offload();
+        }
         let now = self.now();
         let Some(tun) = self.tun.as_mut() else {
             return Ok(());
@@ -966,28 +1091,83 @@ impl Run {
         let packets = packets.get(..count).unwrap_or_default();
         // Seal every record of this burst back to back (framed on a stream), then hand
         // them to the transport at once: one write on TCP, one send per datagram on UDP.
-        let q = &mut self.txq;
-        q.clear();
-        let mut at = 0;
-        while at < packets.len() {
-            if q.room() < MAX_RECORD_LEN {
-                if let Some(t) = self.transport.as_mut() {
-                    t.send_queue(q);
-                }
-                q.clear();
-            }
-            let rest = packets.get(at..).unwrap_or_default();
-            let (len, took) = self.core.seal_packets(rest, now, q.spare())?;
-            q.commit(len);
-            if took == 0 {
+        self.txq.clear();
+        seal_into(
+            &mut self.core,
+            &mut self.txq,
+            &mut self.transport,
+            packets,
+            now,
+        )?;
+        if let Some(t) = self.transport.as_mut() {
+            t.send_queue(&self.txq);
+        }
+        self.txq.clear();
+        Ok(())
+    }
+
+    /// [`Run::read_tun`] on an offload TUN: each read is one packet or one GSO
+    /// super-packet (split here into packets of at most the lease MTU, checksums
+    /// computed); the packets are sealed exactly as without offload.
+    fn read_tun_offload(&mut self) -> Result<(), ConnectError> {
+        let now = self.now();
+        let established = self.core.is_established();
+        let Some(tun) = self.tun.as_mut() else {
+            return Ok(());
+        };
+        let Some(off) = tun.offload.as_mut() else {
+            return Ok(());
+        };
+        self.txq.clear();
+        let mut sealed = 0;
+        for _ in 0..TUN_BATCH {
+            if sealed >= OFFLOAD_READ_BUDGET {
                 break;
             }
-            at += took;
+            let n = match nix::unistd::read(&tun.fd, off.split.read_buf()) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => break,
+                Err(e) => {
+                    return Err(ConnectError::Io {
+                        what: "reading the TUN",
+                        source: e.into(),
+                    });
+                }
+            };
+            if !established {
+                continue;
+            }
+            if let Err(e) = off.split.split(n) {
+                tracing::debug!(error = %e, len = n, "TUN read dropped");
+                continue;
+            }
+            let mut batch: [&[u8]; TUN_BATCH] = [&[]; TUN_BATCH];
+            let mut packets = off.split.packets();
+            loop {
+                let mut k = 0;
+                for (slot, p) in batch.iter_mut().zip(&mut packets) {
+                    *slot = p;
+                    k += 1;
+                }
+                if k == 0 {
+                    break;
+                }
+                sealed += k;
+                let chunk = batch.get(..k).unwrap_or_default();
+                seal_into(
+                    &mut self.core,
+                    &mut self.txq,
+                    &mut self.transport,
+                    chunk,
+                    now,
+                )?;
+            }
         }
         if let Some(t) = self.transport.as_mut() {
-            t.send_queue(q);
+            t.send_queue(&self.txq);
         }
-        q.clear();
+        self.txq.clear();
         Ok(())
     }
 
@@ -1045,6 +1225,19 @@ impl Run {
         }
         if let Some(tun) = self.tun.take() {
             tracing::info!(ifname = %tun.name, "closing the TUN");
+            if let Some(o) = &tun.offload {
+                let (r, w) = (o.split.stats, o.gro.stats);
+                tracing::info!(
+                    super_packets = r.super_packets,
+                    segments = r.segments,
+                    read_drops = r.dropped,
+                    packets_in = w.packets,
+                    writes = w.writes,
+                    coalesced = w.coalesced,
+                    write_drops = w.dropped,
+                    "TUN offload counters"
+                );
+            }
         }
         helper.tear_down()?;
         let c = self.core.counters();

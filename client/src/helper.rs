@@ -186,8 +186,9 @@ impl Helper {
         Ok(reply)
     }
 
-    /// OpenTun → the TUN's descriptor and name.
-    pub fn open_tun(&mut self, lease: &Lease) -> Result<(OwnedFd, String), ConnectError> {
+    /// OpenTun → the TUN's descriptor, its name, and whether it carries virtio-net
+    /// headers (offload on: `crate::tun_offload`).
+    pub fn open_tun(&mut self, lease: &Lease) -> Result<(OwnedFd, String, bool), ConnectError> {
         let mut reply = self.call(
             "opening the TUN",
             &SessionToHelper::OpenTun {
@@ -197,9 +198,12 @@ impl Helper {
             },
         )?;
         match (reply.msg, reply.fds.pop()) {
-            (HelperToSession::TunOpened { ifname, .. }, Some(fd)) => {
-                Ok((fd, ifname.as_str().to_owned()))
-            }
+            (
+                HelperToSession::TunOpened {
+                    ifname, vnet_hdr, ..
+                },
+                Some(fd),
+            ) => Ok((fd, ifname.as_str().to_owned(), vnet_hdr)),
             (other, _) => Err(ConnectError::HelperFailed(format!(
                 "opening the TUN: unexpected answer {other:?}"
             ))),

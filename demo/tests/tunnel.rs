@@ -136,6 +136,39 @@ fn download_upload_dns_udp_closed_port_through_the_tunnel_and_nothing_else_on_th
     // The gateway's counters show the peer and the traffic.
     let st = s.status().unwrap();
     assert_eq!(st["connected_peers"], 1, "{st}");
+
+    // (6) TUN offload (docs/client.md): the kernel holds the laptop's TUN with
+    // IFF_VNET_HDR, the 50 MiB upload reached the session as GSO super-packets (split
+    // there to the lease MTU, which the gateway's policy enforced on every packet above),
+    // and the download went back to the kernel partly coalesced.
+    let tun = up
+        .split(" on ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap();
+    let ns = s.tb.ns(testbed::Node::Laptop);
+    let link = Command::new("ip")
+        .args(["-n", &ns, "-d", "link", "show", "dev", tun])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("vnet_hdr on"), "{tun}: {link}");
+    let mut c = s.client.take().unwrap();
+    assert!(c.stop(Signal::SIGINT).unwrap().success(), "{}", c.output());
+    let out = c.output();
+    let counters = out
+        .lines()
+        .find(|l| l.contains("TUN offload counters"))
+        .unwrap_or_else(|| panic!("no offload counters from the session:\n{out}"));
+    eprintln!("{counters}");
+    let field = |name: &str| -> u64 {
+        let v = counters.split(&format!(" {name}=")).nth(1).unwrap();
+        v.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(field("super_packets") > 100, "{counters}");
+    assert!(field("segments") > 2 * field("super_packets"), "{counters}");
+    assert!(field("coalesced") > 0, "{counters}");
+    assert_eq!(field("read_drops"), 0, "{counters}");
 }
 
 #[test]

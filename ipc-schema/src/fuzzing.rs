@@ -406,6 +406,7 @@ pub mod samples {
             HelperToSession::TunOpened {
                 ifname: BoundedString::new("vshare0").unwrap_or_default(),
                 ifindex: 5,
+                vnet_hdr: true,
             },
             HelperToSession::Done,
             HelperToSession::Refused(HelperRefusal::SecondTun),

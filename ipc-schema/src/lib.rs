@@ -37,4 +37,4 @@ pub use messages::Protocol;
 
 /// The schema version. Every frame carries it in its version byte and every channel
 /// starts by exchanging it in a [`hello::Hello`]. Bump it on any change to any message.
-pub const SCHEMA_VERSION: u8 = 8;
+pub const SCHEMA_VERSION: u8 = 9;

@@ -110,6 +110,7 @@ fn largest_valid_messages_fit_their_limits() {
     fits::<sh::HelperEnd>(&[HelperToSession::TunOpened {
         ifname: s(),
         ifindex: u32::MAX,
+        vnet_hdr: true,
     }]);
     fits::<control::CliEnd>(&[
         ControlRequest::PeersAdd {

@@ -50,6 +50,11 @@ pub enum HelperToSession {
     TunOpened {
         ifname: BoundedString<MAX_IFNAME_LEN>,
         ifindex: u32,
+        /// The TUN was opened with `IFF_VNET_HDR` and TCP offload (`TUNSETOFFLOAD`):
+        /// every read and write carries a virtio-net header and reads may be GSO
+        /// super-packets. The session may not ioctl the descriptor to find out, so the
+        /// helper says so; `false` when the kernel refused offload (a plain TUN).
+        vnet_hdr: bool,
     },
     /// The last request was carried out.
     Done,
