@@ -308,6 +308,27 @@ fn a_needs_csum_packet_gets_its_checksum() {
 }
 
 #[test]
+fn a_udp_checksum_that_sums_to_zero_is_sent_as_ffff() {
+    // UDP over IPv6 must not carry 0 ("no checksum" is forbidden there): a sum of 0
+    // goes out as 0xffff, as the kernel's skb_checksum_help does.
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&5353u16.to_be_bytes());
+    u[2..4].copy_from_slice(&53u16.to_be_bytes());
+    u.extend_from_slice(&payload(64, 9));
+    u[4..6].copy_from_slice(&72u16.to_be_bytes());
+    // Choose one payload word so that the full sum folds to 0xffff (checksum 0).
+    u[8..10].fill(0);
+    let partial = fold(sum16(&u, pseudo(&SRC6, &DST6, 17, u.len())));
+    u[8..10].copy_from_slice(&(0xffff - partial).to_be_bytes());
+    let mut p = ipv6(17, &u);
+    partial_l4(&mut p);
+    let mut s = Splitter::new(MTU);
+    let out = read_into(&mut s, &vnet(F_NEEDS_CSUM, 0, 0, 0, 40, 6), &p).unwrap();
+    assert_eq!(&out[0][46..48], &[0xff, 0xff]);
+    assert!(l4_ok(&out[0]));
+}
+
+#[test]
 fn malformed_reads_are_counted_drops() {
     let mut l4 = tcp_header(5, ACK, false);
     l4.extend_from_slice(&payload(3000, 7));
