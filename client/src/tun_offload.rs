@@ -351,9 +351,10 @@ impl Coalescer {
     }
 
     /// Copies one packet into the burst. `false` when the burst is full (flush first)
-    /// or the packet is longer than a TUN packet can be.
+    /// or the packet is empty (GRO would refuse the whole burst for it) or longer than
+    /// a TUN packet can be.
     pub fn push(&mut self, packet: &[u8]) -> bool {
-        if packet.len() > MAX_SUPER_PACKET {
+        if packet.is_empty() || packet.len() > MAX_SUPER_PACKET {
             return false;
         }
         let Some(b) = self.bufs.get_mut(self.len) else {

@@ -532,3 +532,44 @@ fn gro_does_not_merge_a_gap_and_the_buffers_are_reused() {
     assert!(c.is_full());
     assert!(!c.push(&segs[0]));
 }
+
+#[test]
+fn gro_over_random_packets_from_the_gateway_never_panics() {
+    // The gateway is a peer, not the kernel: whatever IP packets it sends go through
+    // tun-rs's GRO (header lengths, IHL, data offsets and lengths mutated).
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut segs = flow_segments(8, 700, 1, 1);
+    let mut l4 = tcp_header(1, ACK, true);
+    l4.extend_from_slice(&payload(700, 1));
+    segs.push(ipv6(6, &l4));
+    segs.push(ipv4(17, 3, &payload(60, 2)));
+    let mut c = Coalescer::new();
+    let mut writes = 0u64;
+    for _ in 0..3_000 {
+        let n = 1 + (next() as usize) % GRO_BATCH;
+        for _ in 0..n {
+            let t = &segs[(next() as usize) % segs.len()];
+            let mut p = t[..(next() as usize) % (t.len() + 1)].to_vec();
+            for _ in 0..(next() % 3) {
+                if !p.is_empty() {
+                    let at = (next() as usize) % p.len().min(72);
+                    p[at] = next() as u8;
+                }
+            }
+            assert_eq!(c.push(&p), !p.is_empty());
+        }
+        let _ = c.flush(|b| {
+            assert!(b.len() > VNET_HDR_LEN - 1);
+            writes += 1;
+        });
+        assert!(c.is_empty());
+    }
+    assert!(writes > 0);
+    assert_eq!(c.stats.dropped, 0, "no burst refused as a whole");
+}
