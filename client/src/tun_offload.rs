@@ -30,10 +30,13 @@ use tun_rs::{
 
 /// Bytes of the virtio-net header in front of every packet on an offload TUN.
 pub const VNET_HDR_LEN: usize = VIRTIO_NET_HDR_LEN;
-/// The largest packet the kernel hands an offload TUN (a 64 KiB GSO super-packet).
+/// The largest packet written to the TUN: an IP length field's worth (what GRO builds at
+/// most; a packet from the gateway is never longer).
 pub const MAX_SUPER_PACKET: usize = 65_535;
-/// One read's buffer: header and the largest super-packet.
-pub const READ_BUF_LEN: usize = VNET_HDR_LEN + MAX_SUPER_PACKET;
+/// One read's buffer: header, the largest super-packet the kernel's default GSO limit
+/// allows (65,536 bytes of skb: an IPv6 one may be one byte over 65,535), and one byte
+/// more, so that a read that fills it is known to be truncated.
+pub const READ_BUF_LEN: usize = VNET_HDR_LEN + (1 << 16) + 1;
 /// Packets gathered before GRO runs over them and they are written.
 pub const GRO_BATCH: usize = 64;
 
@@ -54,6 +57,8 @@ const UNWRITTEN: u8 = 0xff;
 pub enum OffloadError {
     #[error("read of {0} bytes: no room for the virtio-net header and a packet")]
     Short(usize),
+    #[error("a packet larger than the read buffer (truncated)")]
+    Truncated,
     #[error("not an IPv4 or IPv6 packet")]
     NotIp,
     #[error("unsupported GSO type {0:#x}")]
@@ -164,6 +169,9 @@ impl Splitter {
 
     fn split_inner(&mut self, n: usize) -> Result<Parsed, OffloadError> {
         let mtu = self.mtu;
+        if n >= READ_BUF_LEN {
+            return Err(OffloadError::Truncated);
+        }
         let read = self
             .read_buf
             .get_mut(..n)

@@ -259,6 +259,21 @@ fn segments_larger_than_the_mtu_are_cut_to_it() {
 }
 
 #[test]
+fn the_largest_ipv6_super_packet_fits_the_read_buffer() {
+    // 65,536 bytes of skb, the kernel's default GSO limit: 40 + 65,496.
+    let mut l4 = tcp_header(3, ACK, false);
+    l4.extend_from_slice(&payload(65_536 - 60, 10));
+    let mut sp = ipv6(6, &l4);
+    partial_l4(&mut sp);
+    assert_eq!(sp.len(), 65_536);
+    let h = vnet(F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6, 60, 1340, 40, 16);
+    let mut s = Splitter::new(MTU);
+    let out = read_into(&mut s, &h, &sp).unwrap();
+    assert_eq!(out.len(), (65_536usize - 60).div_ceil(1340));
+    assert!(out.iter().all(|p| l4_ok(p)));
+}
+
+#[test]
 fn small_segments_grow_the_segment_buffers_once() {
     let data = payload(65_000, 4);
     let mut l4 = tcp_header(9, ACK, false);
@@ -393,8 +408,12 @@ fn malformed_reads_are_counted_drops() {
             "{what}: packets left from a dropped read"
         );
     }
-    // A read shorter than the header.
+    // A read shorter than the header, and one that filled the buffer (truncated).
     assert!(matches!(s.split(4), Err(OffloadError::Short(4))));
+    assert!(matches!(
+        s.split(READ_BUF_LEN),
+        Err(OffloadError::Truncated)
+    ));
 }
 
 #[test]
