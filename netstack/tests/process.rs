@@ -139,6 +139,35 @@ struct Worker {
 }
 
 impl Worker {
+    /// Lets the netstack send without waiting for credit again.
+    fn grant_unlimited(&mut self) {
+        self.ch
+            .send_credit(Credit {
+                packets: u32::MAX / 2,
+                bytes: u32::MAX / 2,
+            })
+            .unwrap();
+    }
+
+    /// Reads, sending nothing back (no credit, no packets), until the netstack has
+    /// been silent for 300 ms, for 2 s at most: (packets, bytes) received.
+    fn read_until_quiet(&mut self) -> (usize, usize) {
+        let (mut packets, mut bytes) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let ms = u16::try_from(left.as_millis().min(300)).unwrap_or(300);
+            let mut fds = [PollFd::new(self.ch.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
+                break;
+            }
+            if let DataEvent::Packets = self.ch.recv_data(&mut self.rx).unwrap() {
+                packets += self.rx.len();
+                bytes += self.rx.total_bytes();
+            }
+        }
+        (packets, bytes)
+    }
+
     /// Sends the laptop's packets (within the netstack's credit), then takes in what
     /// the netstack sent within `wait`.
     fn exchange(&mut self, dev: &mut LaptopDevice, wait: Duration) -> Result<(), ChannelError> {
@@ -774,12 +803,7 @@ fn a_worker_that_stops_reading_does_not_stall_the_others() {
     });
     // The first datagram only has to reach the flooder; no answer is expected.
     let _ = udp_request(&mut slow_laptop, &mut slow, 7000, flood_addr, b"open", 1);
-    slow.ch
-        .send_credit(Credit {
-            packets: u32::MAX / 2,
-            bytes: u32::MAX / 2,
-        })
-        .unwrap();
+    slow.grant_unlimited();
 
     // The flood goes on until the slow worker's socket is full: the netstack cannot
     // write more to it (and must not wait for it).
@@ -858,11 +882,7 @@ fn what_waited_for_channel_space_is_sent_once_the_worker_reads() {
         }
     });
     let _ = udp_request(&mut laptop, &mut w, 7002, flood_addr, b"open", 1);
-    w.ch.send_credit(Credit {
-        packets: u32::MAX / 2,
-        bytes: u32::MAX / 2,
-    })
-    .unwrap();
+    w.grant_unlimited();
     flooder.join().unwrap();
     // Quiet: the flood is over and the netstack has written what the socket takes.
     thread::sleep(Duration::from_millis(500));
@@ -879,18 +899,7 @@ fn what_waited_for_channel_space_is_sent_once_the_worker_reads() {
     // two seconds at most. With writability it sends all it holds (several times the
     // channel's buffer) at once; without, only other wake-ups (timers, the sweep) would
     // flush it, a buffer's worth at a time.
-    let mut got = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let ms = u16::try_from(left.as_millis().min(300)).unwrap_or(300);
-        let mut fds = [PollFd::new(w.ch.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
-            break;
-        }
-        if let DataEvent::Packets = w.ch.recv_data(&mut w.rx).unwrap() {
-            got += w.rx.total_bytes();
-        }
-    }
+    let (_, got) = w.read_until_quiet();
     assert!(
         got > 12 * queued,
         "the worker got {got} bytes, not much more than the {queued} the channel held: \
@@ -913,11 +922,7 @@ fn a_burst_larger_than_one_send_round_goes_out_whole() {
     let l = lease(23);
     let mut w = add_lease(&mut p, &l);
     let mut laptop = Laptop::new();
-    w.ch.send_credit(Credit {
-        packets: u32::MAX / 2,
-        bytes: u32::MAX / 2,
-    })
-    .unwrap();
+    w.grant_unlimited();
     // Two servers, two mappings: one socket buffer holds ~90 such datagrams, and the
     // burst must be several send rounds' worth (~200 KB).
     const DATAGRAMS: usize = 80;
@@ -954,19 +959,7 @@ fn a_burst_larger_than_one_send_round_goes_out_whole() {
         s.join().unwrap();
     }
     kill(pid, Signal::SIGCONT).unwrap();
-    let mut got = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let ms = u16::try_from(left.as_millis().min(300)).unwrap_or(300);
-        let mut fds = [PollFd::new(w.ch.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::from(ms)).unwrap() == 0 {
-            break;
-        }
-        if let DataEvent::Packets = w.ch.recv_data(&mut w.rx).unwrap() {
-            got += w.rx.len();
-        }
-    }
-    eprintln!("got {got} datagrams");
+    let (got, _) = w.read_until_quiet();
     assert!(
         got >= 2 * DATAGRAMS,
         "{got} of {} datagrams reached the worker",
